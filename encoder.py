@@ -1,0 +1,347 @@
+"""Frozen pretrained encoders: DINOv2, which gives SCAR its source features F_s.
+
+DINOv2 is written from scratch with the official module names (`blocks.{i}.attn.qkv`, `ls1.gamma`,
+...), so the torch-hub `.pth` files load as they are; Hugging Face `facebook/dinov2-*` folders are
+renamed into that layout on load. Outputs match the official code to float32 rounding.
+
+    images in [-1,1] --preprocess--> (B,3,H,W) normalised --ViT--> F_s (B, h, w, C), h = H / 14
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, check_state_dict, read_checkpoint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DINOv2Config:
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    ffn: str = "mlp"  # "mlp" (ViT-S/B/L) or "swiglu" (ViT-g)
+    ffn_hidden: int = 3072
+    registers: int = 0
+    patch_size: int = 14
+    pos_grid: int = 37  # side of the stored position-embedding grid (518 px / 14)
+    # How the stored position embedding is resized to other grids, in the official names:
+    # hub plain models (0.1, False), register models (0.0, True), HF plain models (0.0, False).
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+
+
+def swiglu_hidden(dim: int) -> int:
+    """ViT-g's SwiGLU width: 2/3 of 4C, rounded up to a multiple of 8."""
+    return (int(4 * dim * 2 / 3) + 7) // 8 * 8
+
+
+def dinov2_config(name: str) -> DINOv2Config:
+    """Config of a released backbone by its hub name: "vits14", "vitb14", "vitl14", "vitg14", + "_reg"."""
+    sizes = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16), "vitg14": (1536, 40, 24)}
+    base, reg = name.removesuffix("_reg"), name.endswith("_reg")
+    if base not in sizes:
+        raise ValueError(f"unknown DINOv2 size {name!r}; choose from {', '.join(sizes)} (optionally + '_reg')")
+    dim, depth, heads = sizes[base]
+    swiglu = base == "vitg14"
+    return DINOv2Config(dim, depth, heads, "swiglu" if swiglu else "mlp",
+                        swiglu_hidden(dim) if swiglu else 4 * dim, registers=4 if reg else 0,
+                        interpolate_offset=0.0 if reg else 0.1, interpolate_antialias=reg)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # rows [q; k; v], heads contiguous inside each
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, C)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C / heads)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU, as the official weights expect
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)  # the first half goes through SiLU, the second gates
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DINOv2Config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.attn = Attention(cfg.dim, cfg.heads)
+        self.ls1 = LayerScale(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.mlp = (SwiGLU if cfg.ffn == "swiglu" else Mlp)(cfg.dim, cfg.ffn_hidden)
+        self.ls2 = LayerScale(cfg.dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, h*w, C), row-major over the patch grid
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT. Tokens are [cls, registers, patches]; only patch tokens feed SCAR (F_s)."""
+
+    def __init__(self, cfg: DINOv2Config):
+        super().__init__()
+        self.cfg = cfg
+        C, R = cfg.dim, cfg.registers
+        self.cls_token = nn.Parameter(torch.randn(1, 1, C) * 1e-6)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.pos_grid ** 2, C) * 0.02)
+        if R:
+            self.register_tokens = nn.Parameter(torch.randn(1, R, C) * 1e-6)
+        self.mask_token = nn.Parameter(torch.zeros(1, C))  # masked-image pretraining only; kept for strict loading
+        self.patch_embed = PatchEmbed(C, cfg.patch_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(C, eps=1e-6)
+
+    def interpolate_pos_encoding(self, H: int, W: int) -> torch.Tensor:
+        """Position embedding for an H x W input: (1, 1 + h*w, C), float32, grid rows = height.
+
+        The plain hub models resize with scale_factor (h + 0.1) / 37 (bicubic, A = -0.75), which maps
+        coordinates differently from size=(h, w); register models and HF folders use size=(h, w),
+        register models with antialias. A 518 x 518 input uses the stored grid unchanged.
+        """
+        p, M, C = self.cfg.patch_size, self.cfg.pos_grid, self.cfg.dim
+        h, w = H // p, W // p
+        pos = self.pos_embed.float()
+        if h * w == M * M and H == W:
+            return pos
+        offset = self.cfg.interpolate_offset
+        resize = dict(scale_factor=((h + offset) / M, (w + offset) / M)) if offset else dict(size=(h, w))
+        grid = pos[:, 1:].reshape(1, M, M, C).permute(0, 3, 1, 2)  # (1, C, M, M)
+        grid = F.interpolate(grid, mode="bicubic", align_corners=False,
+                             antialias=self.cfg.interpolate_antialias, **resize)
+        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def prepare_tokens(self, x):  # (B, 3, H, W) normalised -> (B, 1 + R + h*w, C)
+        p = self.cfg.patch_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p or min(x.shape[2:]) < p:
+            raise ValueError(f"DINOv2 expects (B, 3, H, W) with H and W multiples of {p}, got "
+                             f"{tuple(x.shape)}; features() resizes images for you")
+        B, _, H, W = x.shape
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(H, W).to(tokens.dtype)
+        if self.cfg.registers:  # registers carry no position embedding
+            tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(B, -1, -1), tokens[:, 1:]], dim=1)
+        return tokens
+
+    def block_outputs(self, x, indices) -> list[torch.Tensor]:
+        """Raw outputs (B, 1 + R + N, C) of the 0-based blocks in `indices`, in block order."""
+        indices = set(indices)
+        if not indices or not indices <= set(range(self.cfg.depth)):
+            raise ValueError(f"block indices must lie in 0..{self.cfg.depth - 1}, got {sorted(indices)}")
+        x, outs = self.prepare_tokens(x), []
+        for i, block in enumerate(self.blocks[:max(indices) + 1]):
+            x = block(x)
+            if i in indices:
+                outs.append(x)
+        return outs
+
+    def forward_features(self, x) -> dict[str, torch.Tensor]:
+        """The official output dict for a normalised input whose sides are multiples of the patch size."""
+        x = self.block_outputs(x, [self.cfg.depth - 1])[0]
+        normed, R = self.norm(x), self.cfg.registers
+        return {"x_norm_clstoken": normed[:, 0], "x_norm_regtokens": normed[:, 1:1 + R],
+                "x_norm_patchtokens": normed[:, 1 + R:], "x_prenorm": x}
+
+    def forward(self, x):  # (B, C): the normed class token, as the official model with its Identity head
+        return self.forward_features(x)["x_norm_clstoken"]
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True):
+        """Patch tokens of the last `n` blocks (int) or of the 0-based blocks listed in `n`, as a tuple.
+
+        `reshape` gives (B, C, h, w) maps; `return_class_token` gives (patches, cls) pairs.
+        """
+        B, _, H, W = x.shape
+        p, R = self.cfg.patch_size, self.cfg.registers
+        indices = range(self.cfg.depth - n, self.cfg.depth) if isinstance(n, int) else n
+        outs = self.block_outputs(x, indices)
+        if norm:
+            outs = [self.norm(o) for o in outs]
+        patches = [o[:, 1 + R:] for o in outs]
+        if reshape:
+            patches = [t.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for t in patches]
+        if return_class_token:
+            return tuple(zip(patches, [o[:, 0] for o in outs]))
+        return tuple(patches)
+
+    def preprocess(self, images, size=None):
+        """Images in [-1,1] -> the normalised input: antialiased bilinear resize, then ImageNet mean/std.
+
+        `size` is an int or (H, W) in pixels, multiples of the patch size; by default each side goes
+        down to the nearest multiple (SCAR's configs pass 448 so that 512 px images give 32 x 32 F_s).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        lo, hi = images.aminmax()
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        p = self.cfg.patch_size
+        H, W = images.shape[-2:]
+        size = (H // p * p, W // p * p) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+        if size[0] % p or size[1] % p or min(size) < p:
+            raise ValueError(f"DINOv2 input size must be multiples of {p} pixels, got {size[0]}x{size[1]}")
+        x = images.float()
+        if size != (H, W):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return ((x + 1) / 2 - mean) / std
+
+    @torch.no_grad()
+    def features(self, images, layers="last", size=None) -> torch.Tensor:
+        """F_s (B, h, w, C) of images in [-1,1] of any size.
+
+        layers="last": the final-normed patch tokens of the last block (C = dim).
+        layers="quarters": the raw outputs of the blocks at depths d/4, d/2, 3d/4, d (1-based),
+        concatenated on channels and passed through a LayerNorm without affine parameters
+        (eps 1e-6), as the authors' released code does (C = 4 * dim).
+        """
+        x = self.preprocess(images, size)
+        B, _, H, W = x.shape
+        p, d = self.cfg.patch_size, self.cfg.depth
+        if layers == "last":
+            tokens = self.forward_features(x)["x_norm_patchtokens"]
+        elif layers == "quarters":
+            if d < 4:
+                raise ValueError(f"layers='quarters' needs at least 4 blocks, this DINOv2 has {d}")
+            tokens = torch.cat(self.get_intermediate_layers(x, [d * q // 4 - 1 for q in (1, 2, 3, 4)], norm=False), -1)
+            tokens = F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6)
+        else:
+            raise ValueError(f"layers must be 'last' or 'quarters', got {layers!r}")
+        return tokens.reshape(B, H // p, W // p, -1)
+
+
+# Legacy Hugging Face key names (what `facebook/dinov2-*` files hold) -> official hub names.
+# q, k and v are separate there and are fused into `qkv` by `_hub_layout`.
+HF_RENAMES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.mask_token$", "mask_token"),
+    (r"^embeddings\.register_tokens$", "register_tokens"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.w12."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.weights_out\.", r"blocks.\1.mlp.w3."),
+    (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),  # norm1, norm2, mlp.fc1, mlp.fc2 keep their names
+    (r"^layernorm\.", "norm."),
+]
+HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def _hub_layout(sd: dict) -> dict:
+    """Rename a Hugging Face DINOv2 state dict to the hub layout; unknown keys pass through unchanged."""
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        m = HF_QKV.match(key)
+        if m:
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = value
+            continue
+        for pattern, repl in HF_RENAMES:
+            if re.match(pattern, key):
+                key = re.sub(pattern, repl, key)
+                break
+        out[key] = value
+    for (layer, kind), parts in qkv.items():
+        if len(parts) == 3:
+            out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+        else:
+            out.update({f"encoder.layer.{layer}.attention.attention.{n}.{kind}": t for n, t in parts.items()})
+    return out
+
+
+def _infer_config(sd: dict, hf_config: dict | None, num_heads: int | None, path) -> DINOv2Config:
+    core = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+    if any(k not in sd for k in core):  # not a ViT at all: report what is missing and what is there
+        check_state_dict(sd, {k: sd[k].shape if k in sd else () for k in core}, path, "DINOv2")
+    dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max((int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    swiglu = "blocks.0.mlp.w12.weight" in sd
+    hidden = 4 * dim
+    if swiglu and "blocks.0.mlp.w3.weight" in sd:
+        hidden = sd["blocks.0.mlp.w3.weight"].shape[1]
+    elif "blocks.0.mlp.fc1.weight" in sd:
+        hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    if hf_config is not None:
+        kind = hf_config.get("model_type")
+        if kind not in ("dinov2", "dinov2_with_registers") or hf_config.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{path}: config.json describes a {kind!r} model, not DINOv2")
+        heads = hf_config.get("num_attention_heads", dim // 64)
+        # transformers resizes plain models with size=(h, w), unlike the official 0.1 offset.
+        antialias = kind == "dinov2_with_registers"
+        offset = 0.0
+    else:
+        heads = num_heads or dim // 64
+        antialias, offset = registers > 0, 0.0 if registers else 0.1
+    if heads < 1 or dim % heads:
+        raise CheckpointError(f"{path}: cannot split width {dim} into {heads} heads; pass num_heads")
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    return DINOv2Config(dim, depth, heads, "swiglu" if swiglu else "mlp", hidden, registers, patch, grid,
+                        offset, antialias)
+
+
+def load_dinov2(path, num_heads=None) -> DINOv2:
+    """A frozen DINOv2 (eval mode, no gradients) from a torch-hub `.pth` or a Hugging Face folder.
+
+    Size, registers, feed-forward kind and interpolation rule come from the checkpoint; the head
+    count from the HF config, else `num_heads`, else width / 64 (every released model).
+    """
+    sd, hf_config = read_checkpoint(path)
+    return dinov2_from_state_dict(sd, hf_config, num_heads, source=path)
+
+
+def dinov2_from_state_dict(sd, hf_config=None, num_heads=None, source="state dict") -> DINOv2:
+    """`load_dinov2` for a state dict already in memory (hub or HF names; meta tensors allowed)."""
+    if hf_config is not None:
+        sd = _hub_layout(sd)
+    cfg = _infer_config(sd, hf_config, num_heads, source)
+    with torch.device("meta"):
+        model = DINOv2(cfg)
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, source, "DINOv2")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    return model.eval().requires_grad_(False)
