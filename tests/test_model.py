@@ -1,0 +1,270 @@
+"""Next-token backbone and SCAR: LlamaGen parity, the mask, the KV cache, the losses."""
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import load_file
+
+from checkpoint import CheckpointError
+from compressor import SemanticCompressor
+from model import (SCAR, GPTConfig, NextTokenTransformer, SCARConfig, attention_mask, encode_bytes, gpt_config,
+                   grid_rope, llamagen_from_state_dict, load_llamagen)
+from sample import generate_tokens
+
+C2I, T2I = FIXTURES / "llamagen_gpt_c2i", FIXTURES / "llamagen_gpt_t2i"
+LOGIT_TOL = dict(atol=1e-4, rtol=1e-4)  # the fixture READMEs' tolerance
+
+
+@pytest.fixture(scope="module")
+def c2i():
+    return load_llamagen(C2I / "checkpoint.pt", n_head=4), load_file(C2I / "reference.safetensors")
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    return load_llamagen(T2I / "checkpoint.pt", n_head=4), load_file(T2I / "reference.safetensors")
+
+
+def test_c2i_teacher_forced_logits(c2i):
+    model, ref = c2i
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["class_labels"], ref["tokens"]), ref["logits_cond"], **LOGIT_TOL)
+        null = torch.full_like(ref["class_labels"], model.cfg.num_classes)
+        torch.testing.assert_close(model(null, ref["tokens"]), ref["logits_uncond"], **LOGIT_TOL)
+    rope = torch.cat([torch.zeros(1, 8, 2), grid_rope(8, 8, 16, 10000.0)])  # class row zero, then the 8x8 grid
+    torch.testing.assert_close(rope, ref["freqs_cis"], atol=1e-6, rtol=0)
+
+
+def test_t2i_teacher_forced_logits(t2i):
+    model, ref = t2i
+    with torch.no_grad():
+        got = model(ref["caption_embs"], ref["tokens"], ref["emb_mask"])
+        torch.testing.assert_close(got, ref["logits_cond"], **LOGIT_TOL)
+        null = torch.zeros_like(ref["caption_embs"]) + model.cls_embedding.uncond_embedding
+        torch.testing.assert_close(model(null, ref["tokens"], ref["emb_mask"]), ref["logits_uncond"], **LOGIT_TOL)
+    rope = torch.cat([torch.zeros(120, 8, 2), grid_rope(8, 8, 16, 10000.0)])
+    torch.testing.assert_close(rope, ref["freqs_cis"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "recompute"])
+@pytest.mark.parametrize("kind, cfg, key", [("c2i", 1.0, "gen_cfg1"), ("c2i", 4.0, "gen_cfg4"),
+                                            ("t2i", 1.0, "gen_cfg1"), ("t2i", 7.5, "gen_cfg7p5")])
+def test_greedy_generation_reproduces_official_grids(c2i, t2i, kind, cfg, key, use_cache):
+    model, ref = c2i if kind == "c2i" else t2i
+    cond, mask = (ref["class_labels"], None) if kind == "c2i" else (ref["caption_embs"], ref["emb_mask"])
+    tokens = generate_tokens(model, cond, 64, cond_mask=mask, cfg=cfg, top_k=1, use_cache=use_cache)
+    assert tokens.dtype == torch.int64 and torch.equal(tokens, ref[key].long())
+    assert all(layer.attention.cache is None for layer in model.layers)
+
+
+def official_layout(dim, n_layer, vocab, cond, heads=None, n_kv=None):
+    """Key -> shape of a released LlamaGen GPT, written from the fixture README's state-dict table."""
+    head_dim = dim // (heads or dim // 64)
+    hidden = {768: 2048, 1024: 2816, 1280: 3584, 1536: 4096}[dim]
+    qkv = ((heads or dim // 64) + 2 * (n_kv or heads or dim // 64)) * head_dim
+    keys = {"cls_embedding.embedding_table.weight": (1001, dim)} if cond == "class" else {
+        "cls_embedding.uncond_embedding": (120, 2048), "cls_embedding.cap_proj.fc1.weight": (dim, 2048),
+        "cls_embedding.cap_proj.fc2.weight": (dim, dim)}
+    keys["tok_embeddings.weight"] = (vocab, dim)
+    for i in range(n_layer):
+        keys.update({f"layers.{i}.attention.wqkv.weight": (qkv, dim), f"layers.{i}.attention.wo.weight": (dim, dim),
+                     f"layers.{i}.feed_forward.w1.weight": (hidden, dim), f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
+                     f"layers.{i}.feed_forward.w2.weight": (dim, hidden), f"layers.{i}.attention_norm.weight": (dim,),
+                     f"layers.{i}.ffn_norm.weight": (dim,)})
+    keys.update({"norm.weight": (dim,), "output.weight": (vocab, dim)})
+    return {k: torch.empty(s, device="meta") for k, s in keys.items()}
+
+
+@pytest.mark.parametrize("name, cond", [("GPT-B", "class"), ("GPT-L", "class"), ("GPT-XL", "class"),
+                                        ("GPT-XXL", "class"), ("GPT-XL", "caption")])
+def test_full_size_layouts_load(name, cond):
+    expected = gpt_config(name, cond=cond, num_classes=1000, text_len=1 if cond == "class" else 120)
+    sd = official_layout(expected.dim, expected.n_layer, 16384, cond)
+    model = llamagen_from_state_dict(sd)
+    assert model.cfg == expected
+
+
+def test_grouped_query_layout_is_inferred():
+    model = llamagen_from_state_dict(official_layout(1024, 2, 16384, "class", heads=16, n_kv=4))
+    assert (model.cfg.n_head, model.cfg.n_kv_head) == (16, 4)
+
+
+def test_stray_freqs_cis_and_training_container(tmp_path):
+    sd = torch.load(C2I / "checkpoint.pt", weights_only=True)["model"]
+    torch.save({"model": dict(sd, freqs_cis=torch.zeros(65, 8, 2)), "steps": 5}, tmp_path / "c2i.pt")
+    assert load_llamagen(tmp_path / "c2i.pt", n_head=4).cfg.num_classes == 10
+
+
+def test_foreign_checkpoint_is_refused():
+    with pytest.raises(CheckpointError, match="LlamaGen GPT layout: missing keys tok_embeddings"):
+        load_llamagen(FIXTURES / "llamagen_vq" / "checkpoint.pt")
+
+
+def test_mask_pattern_of_the_docstring():
+    text_valid = torch.tensor([[False, True], [True, True]])
+    expected_padded = torch.tensor([
+        [1, 1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 1, 0, 0],
+        [1, 1, 0, 1, 1, 1, 0],
+        [1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    expected_full = torch.tensor([
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = attention_mask(2, text_valid, 3)
+    assert mask.shape == (2, 1, 7, 7)
+    assert torch.equal(mask[0, 0], expected_padded) and torch.equal(mask[1, 0], expected_full)
+    causal = attention_mask(2, text_valid, 3, causal=True)
+    expected_causal = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+    expected_causal[:, 2] = False
+    expected_causal[2, 2] = True
+    assert torch.equal(causal[0, 0], expected_causal)
+    assert torch.equal(causal[1, 0], torch.tril(torch.ones(7, 7, dtype=torch.bool)))
+
+
+def test_mask_of_the_official_t2i_prefix(t2i):
+    """No image prefix + causal flag = LlamaGen's t2i mask (tril, padded caption keys off, diagonal on)."""
+    _, ref = t2i
+    valid = ref["emb_mask"].bool()
+    mask = attention_mask(0, valid, 63, causal=True)
+    for b in range(2):
+        m = torch.tril(torch.ones(183, 183))
+        m[:, :120] *= valid[b]
+        m = m * (1 - torch.eye(183)) + torch.eye(183)
+        assert torch.equal(mask[b, 0], m.bool())
+
+
+def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2):
+    torch.manual_seed(0)
+    backbone = NextTokenTransformer(GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=n_kv, ffn_hidden=128,
+                                              vocab_size=vocab, cond="bytes", text_len=12))
+    return SCAR(SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad), backbone)
+
+
+def batch(B=2, seed=0, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = encode_bytes(["make it blue", "remove"][:B] * (B // 2 or 1), 12)
+    return dict(F_s=torch.randn(B, 4, 4, 16, generator=g), F_t=torch.randn(B, 4, 4, 16, generator=g),
+                text=ids, text_mask=mask, codes=torch.randint(0, vocab, (B, 16), generator=g))
+
+
+def test_kv_cache_decoding_equals_full_recomputation_with_scar_prefix_and_cfg():
+    model = tiny_scar().eval()
+    nn_init_output(model)
+    b = batch()
+    cond = (b["F_s"], b["text"])
+    with torch.no_grad():
+        prefix = model.prefix(cond, b["text_mask"])
+        null = model.prefix(cond, b["text_mask"], drop_text=torch.ones(2, dtype=torch.bool))
+        prefix = prefix.cat(null)  # CFG-doubled batch: [cond ; uncond]
+        codes = b["codes"].repeat(2, 1)
+        full = model.backbone.logits(prefix, codes)  # (4, 16, V)
+        steps = [model.backbone.prefill(prefix, 16)]
+        steps += [model.backbone.decode(codes[:, i], i) for i in range(15)]
+        model.backbone.reset_cache()
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
+    assert not torch.allclose(full[:2], full[2:], atol=1e-3)  # the two halves really differ
+
+
+def nn_init_output(model):  # the zero-initialised head would make every logit equal
+    torch.nn.init.normal_(model.backbone.output.weight, std=0.5)
+
+
+def test_sampled_generation_is_reproducible_and_cache_independent():
+    model = tiny_scar().eval()
+    nn_init_output(model)
+    b = batch()
+    cond = (b["F_s"], b["text"])
+    runs = [generate_tokens(model, cond, 16, b["text_mask"], cfg=3.0, top_k=20, top_p=0.9, temperature=1.2,
+                            generator=torch.Generator().manual_seed(7), use_cache=c) for c in (True, False, True)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert runs[0].shape == (2, 16) and runs[0].unique().numel() > 3
+
+
+def test_tiny_scar_overfits_a_small_batch():
+    model = tiny_scar()
+    model.cfg.drop_text = model.cfg.drop_image = model.cfg.drop_both = 0.0
+    b = batch(B=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        losses = model(**b)
+        first = first or {k: v.item() for k, v in losses.items()}
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert losses["ce"].item() < 0.05 * first["ce"]
+    assert losses["loss"].item() < 0.1 * first["loss"]
+    assert losses["pres"].item() < first["pres"] and losses["align"].item() < first["align"]
+
+
+@pytest.mark.parametrize("stop_grad", [False, True])
+def test_align_loss_reaches_the_target_path_unless_stopped(stop_grad):
+    model = tiny_scar(stop_grad=stop_grad).eval()
+    b = batch()
+    b["F_t"].requires_grad_(True)
+    model(**b)["align"].backward()
+    reached = b["F_t"].grad is not None and b["F_t"].grad.abs().sum() > 0
+    assert reached != stop_grad
+    assert model.compressor.conv.weight.grad.abs().sum() > 0  # the source path always trains it
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefix_hidden_states_see_the_text_only_with_the_papers_mask(causal):
+    model = tiny_scar(causal=causal).eval()
+    b = batch()
+    other, other_mask = encode_bytes(["paint it red", "add a disc"], 12)
+    with torch.no_grad():
+        H = [model.backbone.hidden(model.prefix((b["F_s"], t), m), b["codes"])[:, :4]
+             for t, m in ((b["text"], b["text_mask"]), (other, other_mask))]
+    assert torch.allclose(H[0], H[1]) == causal
+
+
+def test_pres_is_zero_without_compression_and_shapes_of_every_variant():
+    F_s = torch.randn(2, 8, 8, 16)
+    identity = SemanticCompressor(16, 1)
+    assert torch.equal(identity(F_s), F_s) and identity.pres_loss(F_s, identity(F_s)) == 0
+    assert not list(identity.parameters())
+    for kind in ("conv+resize", "resize", "unshuffle"):
+        for k in (2, 4):
+            comp = SemanticCompressor(16, k, kind)
+            F_c = comp(F_s)
+            assert F_c.shape == (2, 8 // k, 8 // k, 16)
+            assert comp.pres_loss(F_s, F_c) > 0
+    model = tiny_scar(k=1)
+    assert model(**batch())["pres"] == 0
+    with pytest.raises(ValueError, match="divisible"):
+        SemanticCompressor(16, 4)(torch.randn(1, 6, 6, 16))
+
+
+def test_cfg_dropout_rates():
+    model = tiny_scar()
+    torch.manual_seed(0)
+    text, image = model.cfg_dropout(200_000, "cpu")
+    rates = [(text & ~image).float().mean(), (image & ~text).float().mean(), (text & image).float().mean()]
+    assert all(abs(r - 0.05) < 0.003 for r in rates)
+
+
+def test_scar_from_official_backbone_reports_new_parameters(t2i):
+    backbone, ref = t2i
+    model = SCAR(SCARConfig(feature_dim=16), backbone)
+    assert sorted(model.new_parameter_names()) == ["compressor.conv.bias", "compressor.conv.weight",
+                                                   "compressor.up.0.bias", "compressor.up.0.weight",
+                                                   "compressor.up.2.bias", "compressor.up.2.weight",
+                                                   "null_prefix", "proj.weight"]
+    F_s = torch.randn(2, 4, 4, 16)
+    losses = model(F_s, F_s, ref["caption_embs"], ref["tokens"], ref["emb_mask"])
+    assert set(losses) == {"ce", "pres", "align", "loss"} and torch.isfinite(losses["loss"])
+
+
+def test_encode_bytes_pads_left_and_refuses_long_text():
+    ids, mask = encode_bytes(["ab", "é"], 4)
+    assert ids.tolist() == [[0, 0, 97, 98], [0, 0, 0xC3, 0xA9]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="at most 4"):
+        encode_bytes(["hello"], 4)
