@@ -23,16 +23,19 @@ from checkpoint import CheckpointError, check_state_dict, read_checkpoint
 from compressor import SemanticCompressor
 
 
-def attention_mask(n_image: int, text_valid, n_target: int, causal: bool = False):
+def attention_mask(n_image: int, text_valid, target_blocks, causal: bool = False):
     """Boolean attention mask (B, 1, L, L) for [P_s ; T_t ; Z_t]; True = may attend.
 
-    n_image prefix image tokens, text_valid (B, T) with False at padded text slots, n_target
-    target tokens, L = n_image + T + n_target. The paper's mask (DESIGN.md decision 6): the prefix
-    [P_s ; T_t] attends bidirectionally within itself, Z_t causally to everything before it; padded
-    text slots are never attended to (but attend to themselves, so no row is empty). With
-    causal=True every token sees only itself and earlier tokens (LlamaGen, the released SCAR code).
+    n_image prefix image tokens; text_valid (B, T) with False at padded text slots; target_blocks
+    the number of target tokens (next-token: each its own step) or the list of block lengths
+    (next-scale: one block per scale, p^2 tokens each). L = n_image + T + target tokens.
 
-    n_image = 2, T = 2 with the first text slot of this sample padded, n_target = 3:
+    The paper's mask (DESIGN.md decisions 6 and 9): the prefix [P_s ; T_t] attends bidirectionally
+    within itself; a target token sees the whole prefix and every target token of its own block or
+    an earlier one; padded text slots are never attended to (but attend to themselves, so no row is
+    empty). With causal=True the prefix is causal too, as in LlamaGen, VAR and the released SCAR code.
+
+    n_image = 2, T = 2 with the first text slot of this sample padded, 3 target tokens:
 
                   keys:  P P T T Z Z Z            causal=True:  P P T T Z Z Z
         query P          1 1 . 1 . . .                          1 . . . . . .
@@ -42,16 +45,20 @@ def attention_mask(n_image: int, text_valid, n_target: int, causal: bool = False
               Z          1 1 . 1 1 . .                          1 1 . 1 1 . .
               Z          1 1 . 1 1 1 .                          1 1 . 1 1 1 .
               Z          1 1 . 1 1 1 1                          1 1 . 1 1 1 1
+
+    With target_blocks = [1, 2] instead of 3, the last two Z see each other (one scale of 2 tokens).
     """
     B, T = text_valid.shape
-    n_prefix, L = n_image + T, n_image + T + n_target
-    device = text_valid.device
-    i = torch.arange(L, device=device)
-    allowed = i[None, :] <= i[:, None]  # causal (L, L)
-    if not causal:
-        allowed = allowed | ((i[:, None] < n_prefix) & (i[None, :] < n_prefix))
-    key_valid = torch.cat([text_valid.new_ones(B, n_image), text_valid, text_valid.new_ones(B, n_target)], 1).bool()
-    mask = allowed[None] & key_valid[:, None, :]
+    blocks = [1] * target_blocks if isinstance(target_blocks, int) else list(target_blocks)
+    n_prefix, device = n_image + T, text_valid.device
+    # Each position gets a step id; a query attends to keys whose step is not later than its own.
+    prefix_steps = torch.arange(n_prefix, device=device) if causal else torch.zeros(n_prefix, dtype=torch.long, device=device)
+    target_steps = n_prefix + torch.repeat_interleave(torch.arange(len(blocks), device=device),
+                                                      torch.tensor(blocks, dtype=torch.long, device=device))
+    steps = torch.cat([prefix_steps, target_steps])
+    L = steps.numel()
+    key_valid = torch.cat([text_valid.new_ones(B, n_image), text_valid, text_valid.new_ones(B, L - n_prefix)], 1).bool()
+    mask = (steps[None, :] <= steps[:, None])[None] & key_valid[:, None, :]
     return (mask | torch.eye(L, dtype=torch.bool, device=device))[:, None]
 
 
@@ -81,15 +88,25 @@ def apply_rope(x, rope):  # x (B, S, H, d), rope (S, d/2, 2) -> rotated x; zero 
 
 
 class Prefix(NamedTuple):
-    """[P_s ; T_t] as the backbone reads it."""
+    """[P_s ; T_t] as a backbone reads it."""
     h: torch.Tensor  # (B, P, D) embeddings
     valid: torch.Tensor  # (B, P) bool, False at padded text slots
-    rope: torch.Tensor  # (P, head_dim / 2, 2); zero rows for text and class tokens
     n_image: int  # the first n_image positions are P_s
     causal: bool  # mask mode, see attention_mask
+    rope: torch.Tensor | None = None  # next-token: (P, head_dim / 2, 2), zero rows for text and class tokens
+    cond: torch.Tensor | None = None  # next-scale: (B, D) AdaLN condition (class or pooled text embedding)
 
     def cat(self, other: "Prefix") -> "Prefix":  # along the batch, e.g. [cond ; uncond] for CFG
-        return self._replace(h=torch.cat([self.h, other.h]), valid=torch.cat([self.valid, other.valid]))
+        cond = None if self.cond is None else torch.cat([self.cond, other.cond])
+        return self._replace(h=torch.cat([self.h, other.h]), valid=torch.cat([self.valid, other.valid]), cond=cond)
+
+
+def update_cache(cache, k, v, pos: int):
+    """Write k, v (B, H, S, d) at positions pos.. of a preallocated (k, v) cache; return the filled part."""
+    end = pos + k.shape[2]
+    cache[0][:, :, pos:end] = k
+    cache[1][:, :, pos:end] = v
+    return cache[0][:, :, :end], cache[1][:, :, :end]
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -157,10 +174,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.cache is not None:  # write this step, attend over the filled part only
-            end = cache_pos + S
-            self.cache[0][:, :, cache_pos:end] = k
-            self.cache[1][:, :, cache_pos:end] = v
-            k, v = self.cache[0][:, :, :end], self.cache[1][:, :, :end]
+            k, v = update_cache(self.cache, k, v, cache_pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, S, D))
 
@@ -285,7 +299,17 @@ class NextTokenTransformer(nn.Module):
     def prefix(self, cond, cond_mask=None, drop_text=None) -> Prefix:
         """The official prefix: the condition alone, zero rotary rows, plain causal attention."""
         h, valid = self.text_prefix(cond, cond_mask, drop_text)
-        return Prefix(h, valid, h.new_zeros(h.shape[1], self.head_dim // 2, 2, dtype=torch.float32), 0, True)
+        return Prefix(h, valid, 0, True, rope=h.new_zeros(h.shape[1], self.head_dim // 2, 2, dtype=torch.float32))
+
+    def image_text_prefix(self, P_s, grid, text, cond_mask, drop_text, causal) -> Prefix:
+        """[P_s ; T_t] for SCAR: P_s (B, h*w, D) on its own h x w rotary grid at rows and columns
+        -max(h, w) .. (before the target grid, which starts at 0, so no cell coincides), T_t with zero rows."""
+        (h, w), B = grid, P_s.shape[0]
+        T_t, text_valid = self.text_prefix(text, cond_mask, drop_text)
+        rope = torch.cat([grid_rope(h, w, self.head_dim, self.cfg.rope_base, offset=-max(h, w)),
+                          torch.zeros(T_t.shape[1], self.head_dim // 2, 2)]).to(P_s.device)
+        valid = torch.cat([text_valid.new_ones(B, h * w), text_valid], 1)
+        return Prefix(torch.cat([P_s, T_t.to(P_s.dtype)], 1), valid, h * w, causal, rope=rope)
 
     def forward(self, cond, tokens, cond_mask=None):
         """Teacher-forced logits (B, N, V): logits[:, i] is the distribution of tokens[:, i] given cond and tokens[:, :i]."""
@@ -315,9 +339,11 @@ class NextTokenTransformer(nn.Module):
             x = layer(x, rope, mask)
         return self.norm(x)
 
-    def logits(self, prefix: Prefix, tokens, n_tokens: int | None = None):  # (B, N, V), head on the N predicting positions
-        P = prefix.h.shape[1]
-        return self.output(self.hidden(prefix, tokens, n_tokens)[:, P - 1:]).float()
+    def predict(self, H, prefix: Prefix):  # hidden states -> logits (B, N, V) of the N target tokens only
+        return self.output(H[:, prefix.h.shape[1] - 1:]).float()
+
+    def logits(self, prefix: Prefix, tokens, n_tokens: int | None = None):  # (B, N, V) teacher-forced
+        return self.predict(self.hidden(prefix, tokens, n_tokens), prefix)
 
     def prefill(self, prefix: Prefix, n_tokens: int):
         """Allocate the KV cache, run the prefix once; logits (B, V) of the first image token."""
@@ -391,8 +417,260 @@ def llamagen_from_state_dict(sd, n_head=None, block_size=None, source="state dic
 
 
 @dataclass
+class VARConfig:
+    depth: int = 16
+    dim: int = 1024
+    n_head: int = 16
+    vocab_size: int = 4096
+    vae_dim: int = 32  # Cvae: width of the VQVAE latents the word embedding reads
+    patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    cond: str = "class"  # "class" (VAR), or "caption" / "bytes": AdaLN reads the pooled text embedding
+    num_classes: int = 1000
+    caption_dim: int = 2048
+    text_len: int = 120
+    mlp_ratio: float = 4.0
+    shared_aln: bool = False  # one AdaLN projection for all blocks plus a learned offset per block
+    norm_eps: float = 1e-6
+
+
+VAR_SIZES = {f"d{d}": d for d in (12, 16, 20, 24, 30)}
+
+
+def var_config(name: str, **overrides) -> VARConfig:
+    """VAR-d{12..30}: width 64 d, d heads, d blocks; "toy" is a 4-block, width-128 model."""
+    if name == "toy":
+        return VARConfig(**{"depth": 4, "dim": 128, "n_head": 4, **overrides})
+    if name not in VAR_SIZES:
+        raise ValueError(f"unknown VAR size {name!r}; choose from {', '.join(VAR_SIZES)}, toy")
+    d = VAR_SIZES[name]
+    return VARConfig(depth=d, dim=64 * d, n_head=d, **overrides)
+
+
+MAX_SCALE_MUL = float(torch.tensor(100.0).log())  # VAR clamps the learned attention scale at 100 (float32)
+
+
+class ScaleAttention(nn.Module):
+    """VAR's attention: l2-normalised q and k, q scaled by a learned per-head factor, no k bias."""
+
+    def __init__(self, dim: int, n_head: int):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, dim // n_head
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, n_head, 1, 1), 4.0).log())
+        self.proj = nn.Linear(dim, dim)
+        self.cache = None
+
+    def forward(self, x, mask, cache_pos: int = 0):  # x (B, S, C), mask (B, 1, S, keys)
+        B, S, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, S, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+        k = F.normalize(k, dim=-1)
+        if self.cache is not None:
+            k, v = update_cache(self.cache, k, v, cache_pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return self.proj(y.transpose(1, 2).reshape(B, S, C))
+
+
+class AdaLNBlock(nn.Module):
+    """x += gamma1 attn(LN(x)(1 + scale1) + shift1); x += gamma2 ffn(LN(x)(1 + scale2) + shift2)."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        C = cfg.dim
+        self.attn = ScaleAttention(C, cfg.n_head)
+        self.ffn = nn.Module()
+        self.ffn.fc1, self.ffn.fc2 = nn.Linear(C, round(C * cfg.mlp_ratio)), nn.Linear(round(C * cfg.mlp_ratio), C)
+        self.ln = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        if cfg.shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def forward(self, x, cond, mask, cache_pos: int = 0):  # cond (B, D), or (B, 1, 6, C) when shared
+        C = x.shape[-1]
+        ada = cond + self.ada_gss if hasattr(self, "ada_gss") else self.ada_lin(cond).view(-1, 1, 6, C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        x = x + self.attn(self.ln(x) * (1 + scale1) + shift1, mask, cache_pos) * gamma1
+        h = self.ln(x) * (1 + scale2) + shift2
+        return x + self.ffn.fc2(F.gelu(self.ffn.fc1(h), approximate="tanh")) * gamma2
+
+
+class NextScaleTransformer(nn.Module):
+    """VAR: predicts every token of scale s at once from the (area-resized) image so far.
+
+    Sequence [prefix ; sos ; inputs of scales 2..K]: sos = c + pos_start, the input of scale s the
+    word-embedded f_hat of scales < s resized to p_s x p_s; every scale token adds its level
+    embedding and its learned absolute position. The AdaLN condition c is the class embedding
+    (VAR), or for text the mean of the valid text embeddings. Position l predicts token l itself.
+    """
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, L = cfg.dim, sum(p * p for p in cfg.patch_nums)
+        if cfg.cond == "class":
+            self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class for CFG
+        elif cfg.cond == "caption":
+            self.text_embedding = CaptionEmbedder(cfg.caption_dim, C, cfg.text_len)
+        elif cfg.cond == "bytes":
+            self.text_embedding = ByteEmbedder(C, cfg.text_len)
+        else:
+            raise ValueError(f"cond must be 'class', 'caption' or 'bytes', got {cfg.cond!r}")
+        self.word_embed = nn.Linear(cfg.vae_dim, C)
+        self.pos_start = nn.Parameter(torch.randn(1, 1, C) * 0.02)
+        self.pos_1LC = nn.Parameter(torch.randn(1, L, C) * 0.02)
+        self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
+        levels = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)])
+        self.register_buffer("lvl_1L", levels[None], persistent=False)
+        if cfg.shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.blocks = nn.ModuleList(AdaLNBlock(cfg) for _ in range(cfg.depth))
+        self.head_nm = nn.Module()
+        self.head_nm.ln = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        self.head_nm.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.head = nn.Linear(C, cfg.vocab_size)
+        self._decoding = None
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.modules():  # AdaLN-zero: every block starts as the identity
+            if isinstance(m, AdaLNBlock) and hasattr(m, "ada_lin"):
+                nn.init.zeros_(m.ada_lin[1].weight)
+                nn.init.zeros_(m.ada_lin[1].bias)
+
+    @property
+    def blocks_of_scales(self) -> list[int]:
+        return [p * p for p in self.cfg.patch_nums]
+
+    def text_prefix(self, cond, cond_mask=None, drop=None):
+        """T_t (B, T, C) with validity, and the AdaLN condition c (B, C)."""
+        if self.cfg.cond == "class":
+            labels = cond if drop is None else torch.where(drop, self.cfg.num_classes, cond)
+            c = self.class_emb(labels)
+            return c.new_zeros(c.shape[0], 0, c.shape[1]), torch.ones(c.shape[0], 0, dtype=torch.bool, device=c.device), c
+        T_t = self.text_embedding(cond, drop)
+        valid = torch.ones(T_t.shape[:2], dtype=torch.bool, device=T_t.device) if cond_mask is None else cond_mask.bool()
+        w = valid.to(T_t.dtype)[..., None]
+        return T_t, valid, (T_t * w).sum(1) / w.sum(1).clamp(min=1)
+
+    def prefix(self, cond, cond_mask=None, drop_text=None) -> Prefix:
+        """The official prefix: no tokens before sos (a class conditions through AdaLN and sos only)."""
+        T_t, valid, c = self.text_prefix(cond, cond_mask, drop_text)
+        return Prefix(T_t, valid, 0, True, cond=c)
+
+    def image_text_prefix(self, P_s, grid, text, cond_mask, drop_text, causal) -> Prefix:
+        """[P_s ; T_t] for SCAR; P_s already carries its learned positions."""
+        T_t, text_valid, c = self.text_prefix(text, cond_mask, drop_text)
+        valid = torch.cat([text_valid.new_ones(P_s.shape[:2]), text_valid], 1)
+        return Prefix(torch.cat([P_s, T_t.to(P_s.dtype)], 1), valid, P_s.shape[1], causal, cond=c)
+
+    def scale_tokens(self, c, inputs, first: int, n: int):
+        """Embedded scale tokens [first, first + n) of the L; inputs (B, n or n - 1, Cvae) without sos."""
+        B = c.shape[0]
+        parts = [(c[:, None] + self.pos_start)] if first == 0 else []
+        if inputs is not None and inputs.shape[1]:
+            parts.append(self.word_embed(inputs.to(self.word_embed.weight.dtype)))
+        x = torch.cat(parts, 1)
+        lvl = self.lvl_1L[:, first:first + n].expand(B, -1)
+        return x + self.lvl_embed(lvl) + self.pos_1LC[:, first:first + n]
+
+    def _blocks(self, x, c, mask, cache_pos: int = 0):
+        cond = self.shared_ada_lin(c).view(-1, 1, 6, self.cfg.dim) if self.cfg.shared_aln else c
+        for block in self.blocks:
+            x = block(x, cond, mask, cache_pos)
+        return x
+
+    def head_norm(self, x, c):  # the AdaLN before the head: what the head reads (and what H_s is)
+        scale, shift = self.head_nm.ada_lin(c).view(-1, 1, 2, self.cfg.dim).unbind(2)
+        return self.head_nm.ln(x) * (1 + scale) + shift
+
+    def hidden(self, prefix: Prefix, inputs):
+        """Head-normed hidden states (B, P + L, C) of [prefix ; sos ; inputs], inputs = (B, L - 1, Cvae)."""
+        L = sum(self.blocks_of_scales)
+        x = torch.cat([prefix.h, self.scale_tokens(prefix.cond, inputs, 0, L).to(prefix.h.dtype)], 1)
+        mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], self.blocks_of_scales, prefix.causal)
+        return self.head_norm(self._blocks(x, prefix.cond, mask), prefix.cond)
+
+    def predict(self, H, prefix: Prefix):  # -> logits (B, L, V) of the scale tokens
+        return self.head(H[:, prefix.h.shape[1]:]).float()
+
+    def logits(self, prefix: Prefix, inputs):  # (B, L, V) teacher-forced
+        return self.predict(self.hidden(prefix, inputs), prefix)
+
+    def forward(self, labels, teacher_forcing_input):
+        """VAR's forward (never drops labels): logits (B, L, V) for every scale."""
+        return self.logits(self.prefix(labels), teacher_forcing_input)
+
+    def prefill(self, prefix: Prefix):
+        """Allocate the KV cache for prefix + all scales and run the prefix once."""
+        B, P, _ = prefix.h.shape
+        L = sum(self.blocks_of_scales)
+        shape = (B, self.cfg.n_head, P + L, self.cfg.dim // self.cfg.n_head)
+        for block in self.blocks:
+            block.attn.cache = (prefix.h.new_zeros(shape), prefix.h.new_zeros(shape))
+        self._decoding = (torch.cat([prefix.valid, prefix.valid.new_ones(B, L)], 1), P, prefix.cond)
+        if P:
+            self._blocks(prefix.h, prefix.cond, attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], 0, prefix.causal))
+
+    def decode(self, s: int, inputs=None):
+        """Run scale s through the cache; inputs (B, p_s^2, Cvae) for s > 0 -> logits (B, p_s^2, V)."""
+        key_valid, P, c = self._decoding
+        first = sum(self.blocks_of_scales[:s])
+        pos, n = P + first, self.blocks_of_scales[s]
+        x = self.scale_tokens(c, inputs, first, n).to(self.blocks[0].attn.cache[0].dtype)
+        mask = key_valid[:, None, None, :pos + n]
+        return self.head(self.head_norm(self._blocks(x, c, mask, pos), c)).float()
+
+    def reset_cache(self):
+        for block in self.blocks:
+            block.attn.cache = None
+        self._decoding = None
+
+
+def load_var(path, **overrides) -> NextScaleTransformer:
+    """An official VAR transformer from `var_d{16,20,24,30}.pth`, in eval mode.
+
+    Heads come from `scale_mul_1H11`, patch_nums from the `lvl_1L` buffer, classes from `class_emb`.
+    The persistent buffers `attn_bias_for_masking`, `lvl_1L` and the zero `zero_k_bias` are checked
+    and then rebuilt from patch_nums rather than stored.
+    """
+    sd, _ = read_checkpoint(path)
+    return var_from_state_dict(sd, source=path, **overrides)
+
+
+def var_from_state_dict(sd, source="state dict", **overrides) -> NextScaleTransformer:
+    core = ("class_emb.weight", "pos_1LC", "lvl_1L", "word_embed.weight", "head.weight", "blocks.0.attn.scale_mul_1H11")
+    if any(k not in sd for k in core):
+        check_state_dict(sd, {k: sd[k].shape if k in sd else () for k in core}, source, "VAR transformer")
+    patch_nums = tuple(math.isqrt(n) for n in torch.bincount(sd["lvl_1L"].flatten().long()).tolist())
+    V, C = sd["head.weight"].shape
+    cfg = VARConfig(depth=1 + max(int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), dim=C,
+                    n_head=sd["blocks.0.attn.scale_mul_1H11"].shape[1], vocab_size=V,
+                    vae_dim=sd["word_embed.weight"].shape[1], patch_nums=patch_nums,
+                    num_classes=sd["class_emb.weight"].shape[0] - 1, shared_aln="shared_ada_lin.1.weight" in sd,
+                    mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C if "blocks.0.ffn.fc1.weight" in sd else 4.0)
+    cfg = replace(cfg, **overrides)
+    derived = ("lvl_1L", "attn_bias_for_masking")
+    sd = {k: v for k, v in sd.items() if k not in derived and not k.endswith("attn.zero_k_bias")}
+    with torch.device("meta"):
+        model = NextScaleTransformer(cfg)
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, source, "VAR transformer")
+    model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, assign=True)
+    model.lvl_1L = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)])[None]
+    return model.eval()
+
+
+@dataclass
 class SCARConfig:
     feature_dim: int = 768  # C of the DINOv2 features F_s (768 for ViT-B)
+    feature_grid: int = 32  # side of F_s; the next-scale backbone learns a position per prefix cell
     k: int = 2  # compression per side: k^2 x fewer prefix tokens (paper: 4x)
     compressor: str = "conv+resize"
     delta: float = 0.5  # weight of L_align
@@ -404,27 +682,31 @@ class SCARConfig:
 
 
 class SCAR(nn.Module):
-    """SCAR on a next-token backbone.
+    """SCAR on a next-token or next-scale backbone.
 
     Training (`forward`):
         F_c = P_k(F_s)                      compressed source features (B, h/k, w/k, C)
         P_s = W F_c,  P_t = W P_k(F_t)      one Linear(C, D) shared by source and target
-        H = backbone([P_s ; T_t ; Z_t])     under attention_mask
-        L_CE on Z_t,  L_pres = |F_s - U_k(F_c)|^2,  L_align = |H_s - P_t|^2 with H_s = H at P_s
+        H = backbone([P_s ; T_t ; targets]) under attention_mask
+        L_CE on the targets,  L_pres = |F_s - U_k(F_c)|^2,  L_align = |H_s - P_t|^2, H_s = H at P_s
         loss = L_CE + L_pres + delta * L_align
 
-    P_s tokens get 2D rotary positions on their own h/k x w/k grid, placed at rows and columns
-    -h/k .. -1 (before the target grid, which starts at 0) so that no prefix position coincides
-    with a target position. `cond` for prefix / generation is the pair (F_s, text).
+    Next-token: P_s tokens carry 2D rotary positions on their own grid (image_text_prefix), H is the
+    final-RMSNormed output. Next-scale: P_s tokens carry learned positions (`prefix_pos`), the
+    AdaLN is conditioned by the class embedding or the pooled text embedding, and H is the output
+    of the AdaLN before the head; P_s and T_t come before the sos token of the first scale.
+    `cond` for `prefix` and generation is the pair (F_s, text).
     """
 
-    def __init__(self, cfg: SCARConfig, backbone: NextTokenTransformer):
+    def __init__(self, cfg: SCARConfig, backbone: nn.Module):
         super().__init__()
         self.cfg, self.backbone = cfg, backbone
         D = backbone.cfg.dim
         self.compressor = SemanticCompressor(cfg.feature_dim, cfg.k, cfg.compressor)
         self.proj = nn.Linear(cfg.feature_dim, D, bias=False)
         self.null_prefix = nn.Parameter(torch.randn(D) * 0.02)  # replaces P_s when the image is dropped
+        if isinstance(backbone, NextScaleTransformer):
+            self.prefix_pos = nn.Parameter(torch.randn((cfg.feature_grid // cfg.k) ** 2, D) * 0.02)
 
     def new_parameter_names(self) -> list[str]:
         """What an official backbone checkpoint does not initialise."""
@@ -440,15 +722,15 @@ class SCAR(nn.Module):
         P_s = self.proj(F_c.flatten(1, 2))  # (B, L_c, D)
         if drop_image is not None:
             P_s = torch.where(drop_image[:, None, None], self.null_prefix.to(P_s.dtype), P_s)
-        T_t, text_valid = self.backbone.text_prefix(text, cond_mask, drop_text)
-        bb = self.backbone
-        rope = torch.cat([grid_rope(h, w, bb.head_dim, bb.cfg.rope_base, offset=-max(h, w)),
-                          torch.zeros(T_t.shape[1], bb.head_dim // 2, 2)]).to(P_s.device)
-        valid = torch.cat([text_valid.new_ones(B, h * w), text_valid], 1)
-        return Prefix(torch.cat([P_s, T_t.to(P_s.dtype)], 1), valid, rope, h * w, self.cfg.causal)
+        if hasattr(self, "prefix_pos"):
+            if self.prefix_pos.shape[0] != h * w:
+                raise ValueError(f"this model was built for a {self.prefix_pos.shape[0]}-token prefix, "
+                                 f"the features give {h}x{w}")
+            P_s = P_s + self.prefix_pos
+        return self.backbone.image_text_prefix(P_s, (h, w), text, cond_mask, drop_text, self.cfg.causal)
 
-    def logits(self, cond, tokens, cond_mask=None):  # (B, N, V) teacher-forced, no dropout
-        return self.backbone.logits(self.prefix(cond, cond_mask), tokens)
+    def logits(self, cond, inputs, cond_mask=None):  # teacher-forced logits, no dropout
+        return self.backbone.logits(self.prefix(cond, cond_mask), inputs)
 
     def cfg_dropout(self, B: int, device):
         """Per-sample (drop_text, drop_image) flags: text only, image only, or both, each with its probability."""
@@ -458,23 +740,23 @@ class SCAR(nn.Module):
         both = (u >= c.drop_text + c.drop_image) & (u < c.drop_text + c.drop_image + c.drop_both)
         return text_only | both, image_only | both
 
-    def forward(self, F_s, F_t, text, codes, text_mask=None) -> dict[str, torch.Tensor]:
-        """The three losses for a batch: F_s, F_t (B, h, w, C) DINOv2 features of source and target,
-        text (class ids, caption features or byte ids) with its mask, codes Z_t (B, N) int64."""
+    def forward(self, F_s, F_t, text, codes, text_mask=None, inputs=None) -> dict[str, torch.Tensor]:
+        """The three losses for a batch. F_s, F_t (B, h, w, C): DINOv2 features of source and target;
+        text: class ids, caption features or byte ids, with text_mask; codes Z_t (B, N) int64 (next-scale:
+        all scales flattened) and, next-scale only, inputs = the VQVAE's teacher_forcing_input."""
         drop_text = drop_image = None
         if self.training:
             drop_text, drop_image = self.cfg_dropout(codes.shape[0], codes.device)
         F_c = self.compressor(F_s)
         pres = self.compressor.pres_loss(F_s, F_c)
         prefix = self._prefix(F_c, text, text_mask, drop_text, drop_image)
-        H = self.backbone.hidden(prefix, codes)
-        P, L_c = prefix.h.shape[1], prefix.n_image
-        logits = self.backbone.output(H[:, P - 1:]).float()
+        H = self.backbone.hidden(prefix, codes if inputs is None else inputs)
+        logits = self.backbone.predict(H, prefix)
         ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
         P_t = self.proj(self.compressor(F_t).flatten(1, 2))
         if self.cfg.stop_grad_target:
             P_t = P_t.detach()
-        align = self.align_loss(H[:, :L_c], P_t, drop_image)
+        align = self.align_loss(H[:, :prefix.n_image], P_t, drop_image)
         return {"ce": ce, "pres": pres, "align": align, "loss": ce + pres + self.cfg.delta * align}
 
     @staticmethod

@@ -1,8 +1,9 @@
 """Decoding loops for the official backbones and for SCAR models.
 
-Next-token: prefill [P_s ; T_t] once into the KV cache, then one image token per step, with
-classifier-free guidance on a doubled batch (EditAR eq. 5): guided = uncond + cfg * (cond - uncond),
-where the unconditional half drops the text (or class) and keeps the image prefix.
+Both prefill [P_s ; T_t] once into the KV cache and then decode: one image token per step
+(next-token) or one whole scale per step (next-scale). Classifier-free guidance runs on a doubled
+batch [cond ; uncond] (EditAR eq. 5), where the unconditional half drops the text (or class) and
+keeps the image prefix.
 """
 import torch
 import torch.nn.functional as F
@@ -63,3 +64,37 @@ def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=
     finally:
         backbone.reset_cache()
     return tokens
+
+
+@torch.no_grad()
+def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top_p=0.0, generator=None):
+    """Sample the codes of every scale, [(B, p, p) int64], as VAR's `autoregressive_infer_cfg`.
+
+    `model` is an official `NextScaleTransformer` (labels: class ids) or a next-scale `SCAR` model
+    (labels: (F_s, text)). The batch is always doubled and the guidance ramps linearly over the
+    scales: at scale s, guided = (1 + t) cond - t uncond with t = cfg * s / (S - 1), so cfg = 1
+    still guides the last scale. top_p = 0.0 is off (VAR's convention); temperature divides the
+    guided logits. The image is `vqvae.decode(codes)`.
+    """
+    backbone = getattr(model, "backbone", model)
+    prefix = model.prefix(labels)
+    B = prefix.h.shape[0]
+    prefix = prefix.cat(model.prefix(labels, drop_text=torch.ones(B, dtype=torch.bool, device=prefix.h.device)))
+    patch_nums = backbone.cfg.patch_nums
+    K, S = patch_nums[-1], len(patch_nums)
+    f_hat = prefix.h.new_zeros(B, vqvae.cfg.z_channels, K, K, dtype=torch.float32)
+    codes, inputs = [], None
+    try:
+        backbone.prefill(prefix)
+        for s, p in enumerate(patch_nums):
+            logits = backbone.decode(s, inputs)  # (2B, p^2, V)
+            t = cfg * s / (S - 1)
+            guided = (1 + t) * logits[:B] - t * logits[B:]
+            idx = sample_logits(guided.flatten(0, 1), temperature, top_k, top_p or 1.0, generator)
+            codes.append(idx.view(B, p, p))
+            f_hat = f_hat + vqvae.scale_embedding(s, codes[-1])
+            if s + 1 < S:
+                inputs = vqvae.next_input(f_hat, s).repeat(2, 1, 1)
+    finally:
+        backbone.reset_cache()
+    return codes

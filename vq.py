@@ -358,10 +358,14 @@ class MultiScaleVQVAE(nn.Module):
         K, (B, _, _) = self.cfg.patch_nums[-1], codes[0].shape
         f_hat = self.quantize.embedding.weight.new_zeros(B, self.cfg.z_channels, K, K)
         inputs = []
-        for s, p_next in enumerate(self.cfg.patch_nums[1:]):
+        for s in range(len(codes) - 1):
             f_hat = f_hat + self.scale_embedding(s, codes[s])
-            inputs.append(F.interpolate(f_hat, size=(p_next, p_next), mode="area").flatten(2).transpose(1, 2))
+            inputs.append(self.next_input(f_hat, s))
         return torch.cat(inputs, 1)
+
+    def next_input(self, f_hat, s: int):  # f_hat after scales <= s -> input of scale s + 1 (B, p_{s+1}^2, C)
+        p = self.cfg.patch_nums[s + 1]
+        return F.interpolate(f_hat, size=(p, p), mode="area").flatten(2).transpose(1, 2)
 
     def forward(self, img) -> dict[str, torch.Tensor]:
         """Training step, as VAR's quantiser: codebook |f_hat - sg(f)|^2 and commit beta |sg(f_hat) - f|^2
