@@ -1,0 +1,495 @@
+"""Data: instruction-editing and controllable-generation folders, control maps, and the toy world.
+
+Every dataset yields dicts of tensors in [-1, 1]:
+    source (3, H, W)   the condition image I_s (the source photo, or a control map drawn as an image)
+    target (3, H, W)   the image to generate I_t
+    mask   (1, H, W)   where the edit happens (all ones when a record has no mask)
+    text   str         the instruction or caption (control data may give `label`, a class id, instead)
+"""
+import json
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = 20_000 ** 2  # refuse decompression bombs, accept any real photo
+
+
+class DataError(ValueError):
+    """A record or file that cannot be used; the message is one line naming it."""
+
+
+# ---------------------------------------------------------------- images
+
+
+def load_image(path) -> Image.Image:
+    """Any image Pillow reads, as 8-bit RGB: EXIF orientation applied, transparency composited on
+    white, 16-bit and CMYK converted."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+        scale = 255 / 65535 if img.mode.startswith("I;16") else 255 / max(int(np.asarray(img).max()), 1)
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * scale).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(canvas, rgba)
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:  # PIL RGB -> (3, H, W) in [-1, 1]
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def to_image(x: torch.Tensor) -> Image.Image:  # (3, H, W) in [-1, 1] -> PIL RGB
+    return Image.fromarray(((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def resize_crop(img: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    """Shorter side to `size` (antialiased), then the centre size x size crop."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------- control maps
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:  # (3, H, W) in [-1, 1] -> (H, W) in [0, 255]
+    r, g, b = (x + 1) * 127.5
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def sobel(gray: torch.Tensor):  # (H, W) -> gx, gy with 3x3 Sobel kernels, replicated borders
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    x = F.pad(gray[None, None], (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(x, k[None, None])[0, 0]
+    gy = F.conv2d(x, k.t()[None, None])[0, 0]
+    return gx, gy
+
+
+def gaussian_blur(gray: torch.Tensor, sigma: float) -> torch.Tensor:  # (H, W) -> (H, W)
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    x = F.pad(gray[None, None], (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    return F.conv2d(x, k.view(1, 1, -1, 1))[0, 0]
+
+
+def canny(x: torch.Tensor, low: float = 100, high: float = 200) -> torch.Tensor:
+    """Canny edges (H, W) in {0, 1} of an image (3, H, W) in [-1, 1], as OpenCV's `Canny(img, 100, 200)`
+    that ControlNet-style papers use: 3x3 Sobel on 0..255 grey levels (no blur), L1 magnitude
+    |gx| + |gy|, non-maximum suppression along the gradient direction quantised to 0/45/90/135
+    degrees (horizontal and vertical ties kept on the first side, diagonal ties dropped), then hysteresis: pixels above `high`, plus pixels above
+    `low` connected to them through 8-neighbours."""
+    gx, gy = sobel(grayscale(x).round())  # integer grey levels: ties must be exact, as in OpenCV's integer maths
+    mag = gx.abs() + gy.abs()
+    H, W = mag.shape
+    m = F.pad(mag, (1, 1, 1, 1))
+
+    def at(dy, dx):  # neighbour magnitudes shifted by (dy, dx)
+        return m[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+
+    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
+    horizontal = (angle < 22.5) | (angle >= 157.5)  # gradient along x: compare left / right
+    diag_down = (angle >= 22.5) & (angle < 67.5)  # gradient along x = y (y down)
+    vertical = (angle >= 67.5) & (angle < 112.5)
+    diag_up = (angle >= 112.5) & (angle < 157.5)
+    peak = ((horizontal & (mag > at(0, -1)) & (mag >= at(0, 1)))
+            | (vertical & (mag > at(-1, 0)) & (mag >= at(1, 0)))
+            | (diag_down & (mag > at(-1, -1)) & (mag > at(1, 1)))
+            | (diag_up & (mag > at(-1, 1)) & (mag > at(1, -1))))
+    strong, weak = peak & (mag > high), peak & (mag > low)
+    edges = strong
+    while True:  # grow the strong edges through connected weak ones
+        grown = weak & (F.max_pool2d(edges[None, None].float(), 3, 1, 1)[0, 0] > 0)
+        if torch.equal(grown | edges, edges):
+            return edges.float()
+        edges = grown | edges
+
+
+def soft_edges(x: torch.Tensor) -> torch.Tensor:
+    """An HED-like soft edge map (H, W) in [0, 1]: blurred Sobel magnitude, normalised."""
+    gx, gy = sobel(gaussian_blur(grayscale(x), 1.0))
+    mag = (gx ** 2 + gy ** 2).sqrt()
+    return mag / mag.max().clamp(min=1e-6)
+
+
+def depth_like(x: torch.Tensor) -> torch.Tensor:
+    """A cheap "depth-like" map (H, W) in [0, 1]: heavily blurred brightness, stretched to [0, 1]."""
+    g = gaussian_blur(grayscale(x), max(x.shape[-1] / 32, 1.0))
+    return (g - g.min()) / (g.max() - g.min()).clamp(min=1e-6)
+
+
+CONTROLS = {"canny": canny, "softedge": soft_edges, "depth": depth_like}
+
+
+def control_map(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Control image (3, H, W) in [-1, 1] computed from an image (3, H, W) in [-1, 1]."""
+    if kind not in CONTROLS:
+        raise ValueError(f"control kind must be one of {', '.join(CONTROLS)}, got {kind!r}")
+    return (CONTROLS[kind](x) * 2 - 1).expand(3, -1, -1).contiguous()
+
+
+# ---------------------------------------------------------------- folders on disk
+
+
+def read_manifest(folder, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, record) of `folder/manifest.jsonl`; a clear error for every malformed line."""
+    path = Path(folder) / "manifest.jsonl"
+    if not path.is_file():
+        raise DataError(f"{folder}: no manifest.jsonl (one JSON record per line)")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: a record must be a JSON object, got {type(record).__name__}")
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise DataError(f"{path}:{n}: record lacks {', '.join(missing)}")
+        records.append((n, record))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Shared reading of a manifest folder: resolved paths, missing files, skipping, transforms."""
+
+    image_keys: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+
+    def __init__(self, folder, size: int = 256, flip: bool = False, skip_bad: bool = False):
+        self.folder, self.size, self.flip, self.skip_bad = Path(folder), size, flip, skip_bad
+        self.manifest = self.folder / "manifest.jsonl"
+        self.records, skipped = [], 0
+        for n, record in read_manifest(folder, self.required):
+            missing = [record[k] for k in self.image_keys if record.get(k) and not (self.folder / record[k]).is_file()]
+            if missing and not skip_bad:
+                raise DataError(f"{self.manifest}:{n}: image {self.folder / missing[0]} is missing")
+            if missing:
+                skipped += 1
+                continue
+            self.records.append((n, record))
+        if skipped:
+            print(f"{self.manifest}: skipped {skipped} records with missing images", file=sys.stderr)
+        if not self.records:
+            raise DataError(f"{self.manifest}: no usable records")
+
+    def __len__(self):
+        return len(self.records)
+
+    def image(self, n: int, name: str, resample=Image.BICUBIC) -> torch.Tensor:
+        try:
+            return to_tensor(resize_crop(load_image(self.folder / name), self.size, resample))
+        except DataError as e:
+            raise DataError(f"{self.manifest}:{n}: {e}") from None
+
+    def __getitem__(self, i):
+        for j in range(len(self)):  # with skip_bad, an unreadable record yields the next one
+            n, record = self.records[(i + j) % len(self)]
+            try:
+                item = self.read(n, record)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                print(f"skipped: {e}", file=sys.stderr)
+                continue
+            if self.flip and torch.rand(()) < 0.5:  # the same flip for every image of the pair
+                item = {k: v.flip(-1) if torch.is_tensor(v) and v.ndim == 3 else v for k, v in item.items()}
+            return item
+        raise DataError(f"{self.manifest}: no readable record")
+
+
+class EditDataset(FolderDataset):
+    """Instruction editing: `manifest.jsonl` records {"source", "target", "instruction", optional "mask"},
+    image paths relative to the folder. The mask (white = edited) defaults to the whole image."""
+
+    image_keys, required = ("source", "target", "mask"), ("source", "target", "instruction")
+
+    def read(self, n, record):
+        source, target = self.image(n, record["source"]), self.image(n, record["target"])
+        if record.get("mask"):
+            mask = (self.image(n, record["mask"], Image.NEAREST)[:1] > 0).float()
+        else:
+            mask = torch.ones(1, self.size, self.size)
+        return {"source": source, "target": target, "mask": mask, "text": str(record["instruction"])}
+
+
+class ControlDataset(FolderDataset):
+    """Controllable generation: records {"image", optional "control", "caption" or "label"}. A
+    missing control file is computed from the image with `control` ("canny", "softedge", "depth")."""
+
+    image_keys, required = ("image", "control"), ("image",)
+
+    def __init__(self, folder, size: int = 256, control: str = "canny", flip: bool = False, skip_bad: bool = False):
+        if control not in CONTROLS:
+            raise ValueError(f"control kind must be one of {', '.join(CONTROLS)}, got {control!r}")
+        self.control = control
+        super().__init__(folder, size, flip, skip_bad)
+        for n, record in self.records:
+            if "caption" not in record and "label" not in record:
+                raise DataError(f"{self.manifest}:{n}: record needs a caption or a label")
+
+    def read(self, n, record):
+        target = self.image(n, record["image"])
+        source = self.image(n, record["control"]) if record.get("control") else control_map(target, self.control)
+        item = {"source": source, "target": target, "mask": torch.ones(1, self.size, self.size)}
+        if "caption" in record:
+            item["text"] = str(record["caption"])
+        if "label" in record:
+            item["label"] = int(record["label"])
+        return item
+
+
+# ---------------------------------------------------------------- the toy world
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (240, 210, 40), "purple": (140, 60, 180), "orange": (245, 130, 30)}
+BACKGROUNDS = {"white": (240, 240, 240), "gray": (140, 140, 140), "black": (30, 30, 30), "beige": (225, 205, 165)}
+SIZES = {"small": 0.10, "medium": 0.14, "large": 0.19}  # radius as a fraction of the image side
+PLACES = {f"{v}{' ' if v and h else ''}{h}" or "center": (x, y)
+          for v, y in (("top", 1 / 5), ("", 1 / 2), ("bottom", 4 / 5))
+          for h, x in (("left", 1 / 5), ("", 1 / 2), ("right", 4 / 5))}
+EDITS = ("recolor", "background", "remove", "add", "move", "reshape", "resize")
+
+PHRASES = {
+    "recolor": ["make the {ref} {color}", "turn the {ref} {color}", "paint the {ref} {color}",
+                "change the color of the {ref} to {color}"],
+    "background": ["make the background {color}", "change the background to {color}",
+                   "paint the background {color}", "turn the background {color}"],
+    "remove": ["remove the {ref}", "delete the {ref}", "take away the {ref}", "erase the {ref}"],
+    "add": ["add a {color} {shape} at the {place}", "put a {color} {shape} at the {place}",
+            "draw a {color} {shape} at the {place}"],
+    "move": ["move the {ref} to the {place}", "put the {ref} at the {place}", "shift the {ref} to the {place}"],
+    "reshape": ["turn the {ref} into a {shape}", "make the {ref} a {shape}", "replace the {ref} with a {color} {shape}"],
+    "resize": ["make the {ref} {bigger}", "make the {ref} a bit {bigger}", "{grow} the {ref}"],
+}
+
+# (edit, shape, colour) triples that only the held-out split contains; "shape" is the background
+# style for background edits. Shape and colour are those of the edited object after the edit.
+HELD_OUT = {("recolor", "triangle", "green"), ("recolor", "circle", "orange"), ("add", "square", "purple"),
+            ("add", "triangle", "yellow"), ("remove", "circle", "blue"), ("move", "square", "red"),
+            ("reshape", "triangle", "blue"), ("resize", "circle", "yellow"), ("background", "gradient", "black")}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    size: str
+    x: float  # centre, as fractions of the image side
+    y: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    style: str  # "plain", or "gradient-h" / "gradient-v"
+    shapes: tuple[Shape, ...]
+
+
+def shape_mask(shape: Shape, n: int) -> np.ndarray:  # (n, n) bool footprint of one shape
+    c = (np.arange(n) + 0.5) / n
+    x, y = c[None, :] - shape.x, c[:, None] - shape.y
+    r = SIZES[shape.size]
+    if shape.kind == "circle":
+        return x ** 2 + y ** 2 <= r ** 2
+    if shape.kind == "square":
+        return (np.abs(x) <= 0.85 * r) & (np.abs(y) <= 0.85 * r)
+    return (y <= 0.8 * r) & (np.abs(x) <= (y + r) / 1.8)  # triangle: apex at -r, base 2r wide at 0.8r
+
+
+def render(scene: Scene, n: int = 64) -> np.ndarray:
+    """The scene as (n, n, 3) uint8: background, then the shapes in order (later ones on top)."""
+    base = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
+    img = np.broadcast_to(base, (n, n, 3)).copy()
+    if scene.style != "plain":
+        t = (np.arange(n) + 0.5) / n
+        ramp = (1.25 - 0.5 * t)[None, :, None] if scene.style == "gradient-h" else (1.25 - 0.5 * t)[:, None, None]
+        img = np.clip(base * ramp + 12 * (ramp - 1), 0, 255) * np.ones((n, n, 1))
+    for shape in scene.shapes:
+        img[shape_mask(shape, n)] = COLORS[shape.color]
+    return img.round().astype(np.uint8)
+
+
+def reference(scene: Scene, shape: Shape, rng) -> str:
+    """The shortest unambiguous name of a shape in its scene, sometimes with its colour anyway."""
+    same_kind = [s for s in scene.shapes if s.kind == shape.kind]
+    return f"{shape.color} {shape.kind}" if len(same_kind) > 1 or rng.random() < 0.5 else shape.kind
+
+
+def random_shape(rng, kind=None, color=None) -> Shape:
+    return Shape(kind or str(rng.choice(SHAPES)), color or str(rng.choice(list(COLORS))),
+                 str(rng.choice(list(SIZES))), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8)))
+
+
+def random_scene(rng) -> Scene:
+    shapes = []
+    for _ in range(int(rng.integers(1, 4))):
+        shape = random_shape(rng)
+        if any((s.kind, s.color) == (shape.kind, shape.color) for s in shapes):
+            continue  # every object must stay nameable by colour and shape
+        shapes.append(shape)
+    style = str(rng.choice(["plain", "plain", "gradient-h", "gradient-v"]))
+    return Scene(str(rng.choice(list(BACKGROUNDS))), style, tuple(shapes))
+
+
+@dataclass(frozen=True)
+class Edit:
+    kind: str
+    before: Scene
+    after: Scene
+    text: str
+    changed: tuple[Shape, ...]  # footprints the edit touches (before and after); empty for background
+
+    @property
+    def triple(self) -> tuple[str, str, str]:
+        if self.kind == "background":
+            return "background", "plain" if self.after.style == "plain" else "gradient", self.after.background
+        shape = self.changed[-1]
+        return self.kind, shape.kind, shape.color
+
+
+def random_edit(scene: Scene, rng) -> Edit | None:
+    """One random edit of the scene, or None when the drawn edit does not apply to it."""
+    kind = str(rng.choice(EDITS))
+    shapes = list(scene.shapes)
+    i = int(rng.integers(len(shapes)))
+    old = shapes[i]
+    ref = reference(scene, old, rng)
+    template = str(rng.choice(PHRASES[kind]))
+    if kind == "background":
+        color = str(rng.choice([c for c in BACKGROUNDS if c != scene.background]))
+        return Edit(kind, scene, replace(scene, background=color), template.format(color=color), ())
+    if kind == "add":
+        if len(shapes) == 3:
+            return None
+        place = str(rng.choice(list(PLACES)))
+        new = replace(random_shape(rng), size="medium", x=PLACES[place][0], y=PLACES[place][1])
+        if any((s.kind, s.color) == (new.kind, new.color) for s in shapes):
+            return None
+        text = template.format(color=new.color, shape=new.kind, place=place)
+        return Edit(kind, scene, replace(scene, shapes=(*shapes, new)), text, (new,))
+    if kind == "remove":
+        if len(shapes) == 1:
+            return None
+        return Edit(kind, scene, replace(scene, shapes=tuple(shapes[:i] + shapes[i + 1:])), template.format(ref=ref), (old,))
+    if kind == "recolor":
+        new = replace(old, color=str(rng.choice([c for c in COLORS if c != old.color])))
+        text = template.format(ref=ref, color=new.color)
+    elif kind == "move":
+        place = str(rng.choice(list(PLACES)))
+        new = replace(old, x=PLACES[place][0], y=PLACES[place][1])
+        if math.dist((old.x, old.y), (new.x, new.y)) < 0.15:
+            return None
+        text = template.format(ref=ref, place=place)
+    elif kind == "reshape":
+        new = replace(old, kind=str(rng.choice([k for k in SHAPES if k != old.kind])))
+        text = template.format(ref=ref, shape=new.kind, color=new.color)
+    else:  # resize
+        order = list(SIZES)
+        step = int(rng.choice([-1, 1]))
+        if not 0 <= order.index(old.size) + step < len(order):
+            step = -step
+        new = replace(old, size=order[order.index(old.size) + step])
+        text = template.format(ref=ref, bigger="bigger" if step > 0 else "smaller", grow="enlarge" if step > 0 else "shrink")
+    if any((s.kind, s.color) == (new.kind, new.color) for j, s in enumerate(shapes) if j != i):
+        return None
+    shapes[i] = new
+    return Edit(kind, scene, replace(scene, shapes=tuple(shapes)), text, (old, new))
+
+
+def edit_mask(edit: Edit, n: int) -> np.ndarray:
+    """(n, n) bool: where the edit may change pixels (the touched footprints, or the background)."""
+    if edit.kind == "background":
+        covered = np.zeros((n, n), dtype=bool)
+        for s in edit.before.shapes:
+            covered |= shape_mask(s, n)
+        return ~covered
+    mask = np.zeros((n, n), dtype=bool)
+    for s in edit.changed:
+        mask |= shape_mask(s, n)
+    return mask
+
+
+SPLITS = {"train": 0, "heldout": 1}
+
+
+def toy_edit(index: int, split: str = "train", seed: int = 0) -> Edit:
+    """Edit number `index` of a split: the same (index, split, seed) always gives the same edit; the
+    held-out split holds exactly the HELD_OUT triples, the training split never does; every edit
+    changes some pixels."""
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    while True:
+        edit = random_edit(random_scene(rng), rng)
+        if edit is None or (edit.triple in HELD_OUT) != (split == "heldout"):
+            continue
+        if not np.array_equal(render(edit.before), render(edit.after)):  # an edit hidden behind another shape teaches nothing
+            return edit
+
+
+def caption(scene: Scene) -> str:
+    """A scene description for control pairs: "a red circle and a blue square on a gray background"."""
+    names = [f"a {s.color} {s.kind}" for s in scene.shapes]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{listed} on a {scene.background} background"
+
+
+class ToyEdits(torch.utils.data.Dataset):
+    """`n` toy editing examples of a split, generated on the fly (deterministic by index and seed)."""
+
+    def __init__(self, n: int, split: str = "train", size: int = 64, seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.n, self.split, self.size, self.seed = n, split, size, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        edit = toy_edit(i, self.split, self.seed)
+        image = lambda scene: to_tensor(Image.fromarray(render(scene, self.size)))
+        return {"source": image(edit.before), "target": image(edit.after), "text": edit.text, "kind": edit.kind,
+                "mask": torch.from_numpy(edit_mask(edit, self.size)).float()[None]}
+
+
+class ToyControl(torch.utils.data.Dataset):
+    """Toy controllable generation: the control map of a random scene + its caption -> the scene."""
+
+    def __init__(self, n: int, split: str = "train", size: int = 64, seed: int = 0, control: str = "canny"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.n, self.split, self.size, self.seed, self.control = n, split, size, seed, control
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        scene = random_scene(np.random.default_rng([self.seed, 2 + SPLITS[self.split], i]))
+        target = to_tensor(Image.fromarray(render(scene, self.size)))
+        return {"source": control_map(target, self.control), "target": target, "text": caption(scene),
+                "mask": torch.ones(1, self.size, self.size)}
