@@ -1,19 +1,22 @@
-"""Reading checkpoints safely, for every loader in the project.
+"""Reading checkpoints safely, and writing the project's own, for every loader in the project.
 
 Official weights come as pickled `.pt/.pth/.bin` files (read with `torch.load(weights_only=True)`,
 so a file can never run code), as `.safetensors`, or as Hugging Face folders (config.json plus
 weights, possibly sharded). `read_checkpoint` turns any of them into a flat state dict and raises
 `CheckpointError`, whose message is one line naming the path, for anything it cannot read.
+The project saves safetensors only, with its configuration as JSON in the file's metadata, and
+writes them atomically: a crash leaves the previous file, never half of a new one.
 """
 import argparse
 import json
+import os
 import pickle
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 # Wrapper keys of training checkpoints, in the order LlamaGen's sample scripts try them.
 WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -136,3 +139,29 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{shard_path}: shard listed in {index.name} is missing")
         sd.update(read_state_dict(shard_path))
     return sd
+
+
+def save_checkpoint(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tensors and a JSON-able `meta` dict as one safetensors file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_meta(path) -> dict:
+    """The `meta` dict that `save_checkpoint` stored ({} for files written by others)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file" if not path.is_dir() else f"{path}: is a directory, not a checkpoint file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = (f.metadata() or {}).get("meta")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({e})") from None
+    return json.loads(meta) if meta else {}

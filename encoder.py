@@ -155,34 +155,36 @@ class DINOv2(nn.Module):
                              antialias=self.cfg.interpolate_antialias, **resize)
         return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
 
-    def prepare_tokens(self, x):  # (B, 3, H, W) normalised -> (B, 1 + R + h*w, C)
+    def prepare_tokens(self, x, masks=None):  # (B, 3, H, W) normalised -> (B, 1 + R + h*w, C)
         p = self.cfg.patch_size
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p or min(x.shape[2:]) < p:
             raise ValueError(f"DINOv2 expects (B, 3, H, W) with H and W multiples of {p}, got "
                              f"{tuple(x.shape)}; features() resizes images for you")
         B, _, H, W = x.shape
         tokens = self.patch_embed(x)
+        if masks is not None:  # (B, h*w) bool: masked-image training replaces those patches by mask_token
+            tokens = torch.where(masks[..., None], self.mask_token.to(tokens.dtype)[None], tokens)
         tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
         tokens = tokens + self.interpolate_pos_encoding(H, W).to(tokens.dtype)
         if self.cfg.registers:  # registers carry no position embedding
             tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(B, -1, -1), tokens[:, 1:]], dim=1)
         return tokens
 
-    def block_outputs(self, x, indices) -> list[torch.Tensor]:
+    def block_outputs(self, x, indices, masks=None) -> list[torch.Tensor]:
         """Raw outputs (B, 1 + R + N, C) of the 0-based blocks in `indices`, in block order."""
         indices = set(indices)
         if not indices or not indices <= set(range(self.cfg.depth)):
             raise ValueError(f"block indices must lie in 0..{self.cfg.depth - 1}, got {sorted(indices)}")
-        x, outs = self.prepare_tokens(x), []
+        x, outs = self.prepare_tokens(x, masks), []
         for i, block in enumerate(self.blocks[:max(indices) + 1]):
             x = block(x)
             if i in indices:
                 outs.append(x)
         return outs
 
-    def forward_features(self, x) -> dict[str, torch.Tensor]:
+    def forward_features(self, x, masks=None) -> dict[str, torch.Tensor]:
         """The official output dict for a normalised input whose sides are multiples of the patch size."""
-        x = self.block_outputs(x, [self.cfg.depth - 1])[0]
+        x = self.block_outputs(x, [self.cfg.depth - 1], masks)[0]
         normed, R = self.norm(x), self.cfg.registers
         return {"x_norm_clstoken": normed[:, 0], "x_norm_regtokens": normed[:, 1:1 + R],
                 "x_norm_patchtokens": normed[:, 1 + R:], "x_prenorm": x}

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, check_state_dict, read_checkpoint
+from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
 from compressor import SemanticCompressor
 
 
@@ -768,3 +768,34 @@ class SCAR(nn.Module):
             return err.mean()
         keep = (~drop_image).float()
         return (err * keep).sum() / keep.sum().clamp(min=1)
+
+
+def build_scar(meta: dict) -> SCAR:
+    """A fresh SCAR from the "arch", "backbone" and "scar" entries of a checkpoint's config."""
+    if meta.get("kind") != "scar":
+        raise CheckpointError(f"not a SCAR checkpoint (its config says kind={meta.get('kind')!r})")
+    b = dict(meta["backbone"])
+    if meta["arch"] == "next-scale":
+        backbone = NextScaleTransformer(VARConfig(**{**b, "patch_nums": tuple(b["patch_nums"])}))
+    else:
+        backbone = NextTokenTransformer(GPTConfig(**b))
+    return SCAR(SCARConfig(**meta["scar"]), backbone)
+
+
+def load_scar(path) -> tuple[SCAR, dict]:
+    """A SCAR model (eval mode) and its config from a checkpoint written by train.py."""
+    meta = read_meta(path)
+    try:
+        with torch.device("meta"):
+            model = build_scar(meta)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    sd, _ = read_checkpoint(path)
+    if any(k.startswith("model.") for k in sd):  # a training checkpoint: weights next to optimiser state
+        sd = {k[6:]: v for k, v in sd.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    check_state_dict(sd, {k: v.shape for k, v in expected.items()}, path, "SCAR")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, assign=True)
+    if isinstance(model.backbone, NextScaleTransformer):  # a non-persistent buffer: rebuilt, not loaded
+        model.backbone.lvl_1L = torch.cat([torch.full((p * p,), i) for i, p in enumerate(model.backbone.cfg.patch_nums)])[None]
+    return model.eval(), meta

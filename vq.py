@@ -35,7 +35,7 @@ class VQConfig:
 VQ_SIZES = {
     "VQ-16": VQConfig(),
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
-    "toy": VQConfig(ch=32, ch_mult=(1, 2, 2, 2), z_channels=64, codebook_size=1024, codebook_dim=8, num_res_blocks=1),
+    "toy": VQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024, codebook_dim=8, num_res_blocks=1),
 }
 
 
@@ -53,7 +53,7 @@ class MSVQConfig:
 
 MSVQ_SIZES = {
     "vae_ch160v4096z32": MSVQConfig(),
-    "toy": MSVQConfig(ch=32, ch_mult=(1, 2, 2, 2), z_channels=16, codebook_size=1024,
+    "toy": MSVQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=16, codebook_size=1024,
                       patch_nums=(1, 2, 3, 4, 6, 8), num_res_blocks=1),
 }
 

@@ -1,0 +1,149 @@
+"""train.py: exact resume, torchrun with two CPU processes (gloo), bf16, torch.compile, NaN handling."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+import model as model_module
+import train
+from checkpoint import read_checkpoint, read_meta, save_checkpoint
+from encoder import DINOv2, DINOv2Config
+from vq import MSVQConfig, MultiScaleVQVAE, VQConfig, VQModel
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """A tiny random DINOv2 and tokenizers, saved as the toy stages export them."""
+    folder = tmp_path_factory.mktemp("frozen")
+    torch.manual_seed(0)
+    dino = DINOv2(DINOv2Config(dim=64, depth=2, heads=1, ffn_hidden=128, patch_size=8, pos_grid=4))
+    save_checkpoint(folder / "dino.safetensors", dino.state_dict(), {"kind": "dinov2"})
+    vq = VQModel(VQConfig(ch=32, ch_mult=(1, 1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1))
+    save_checkpoint(folder / "vq.safetensors", vq.state_dict(), {"kind": "vq"})
+    msvq = MultiScaleVQVAE(MSVQConfig(ch=32, ch_mult=(1, 1, 1), z_channels=8, codebook_size=64, patch_nums=(1, 2, 4, 8),
+                                      num_res_blocks=1))
+    save_checkpoint(folder / "msvq.safetensors", msvq.state_dict(), {"kind": "msvq", "patch_nums": [1, 2, 4, 8]})
+    return folder
+
+
+def args(frozen, out, *extra, arch="next-token", steps=4):
+    vq = "vq" if arch == "next-token" else "msvq"
+    return ["--task", "edit", "--arch", arch, "--model", "toy", "--toy", "--image-size", "32", "--batch-size", "4",
+            "--steps", str(steps), "--out", str(out), "--dino", str(frozen / "dino.safetensors"),
+            "--vq", str(frozen / f"{vq}.safetensors"), "--log-every", "1", "--lr", "1e-3", *extra]
+
+
+def weights(out):
+    return {k: v for k, v in read_checkpoint(Path(out) / "checkpoint.safetensors")[0].items() if k.startswith("model.")}
+
+
+@pytest.mark.parametrize("arch", ["next-token", "next-scale"])
+def test_resume_equals_uninterrupted(frozen, tmp_path, arch):
+    train.main(args(frozen, tmp_path / "full", arch=arch, steps=4))
+    train.main(args(frozen, tmp_path / "split", arch=arch, steps=2))
+    assert read_meta(tmp_path / "split" / "checkpoint.safetensors")["step"] == 2
+    train.main(args(frozen, tmp_path / "split", "--resume", arch=arch, steps=4))
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert full.keys() == split.keys()
+    for k in full:
+        torch.testing.assert_close(split[k], full[k], atol=1e-6, rtol=0, msg=k)
+    logs = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert {"ce", "pres", "align", "loss", "step_time", "tokens_per_s"} <= logs[0].keys()
+    resumed = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in logs], abs=1e-5)  # same data order
+
+
+def test_gradient_accumulation_runs_and_matches_shapes(frozen, tmp_path):
+    train.main(args(frozen, tmp_path, "--micro-batch-size", "2", steps=2))
+    assert read_meta(tmp_path / "checkpoint.safetensors")["data"] == [0, 8]  # 2 steps x 2 micro-batches x 2
+
+
+DRIVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import train
+write = train.export
+def export(path, model, task, run):  # every rank dumps its parameters after the last step
+    torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, path.parent / f"rank{{run.rank}}.pt")
+    write(path, model, task, run)
+train.export = export
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_two_cpu_processes(frozen, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=str(ROOT)))
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           *args(frozen, out, "--save-every", "2", steps=3)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "edit.safetensors", "log.jsonl",
+                                                      "rank0.pt", "rank1.pt"]
+    assert read_meta(out / "checkpoint.safetensors")["step"] == 3
+    assert read_meta(out / "checkpoint.safetensors")["data"] == [0, 6]  # per rank: 3 steps x micro-batch 2
+
+
+def test_bf16_path_runs(frozen, tmp_path):
+    train.main(args(frozen, tmp_path, "--precision", "bf16", steps=2))
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+
+
+def test_compile_path_runs(frozen, tmp_path):
+    train.main(args(frozen, tmp_path, "--compile", steps=2))
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and logs[1]["loss"] < logs[0]["loss"] * 1.5
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(frozen, tmp_path, monkeypatch, capsys):
+    forward, calls = model_module.SCAR.forward, []
+
+    def poisoned(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            out = dict(out, align=out["align"] * float("nan"))
+        return out
+
+    monkeypatch.setattr(model_module.SCAR, "forward", poisoned)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args(frozen, tmp_path, "--save-every", "1", steps=5))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 3" in err and "align=nan" in err
+    assert read_meta(tmp_path / "checkpoint.safetensors")["step"] == 2
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "edit.safetensors").exists()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(frozen, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args(frozen, tmp_path, "--resume"))
+    assert exit_.value.code == 2 and "no checkpoint in" in capsys.readouterr().err
+
+
+def test_toy_stages_export_what_the_loaders_read(tmp_path):
+    """--task encoder and --task vq write files that load_dinov2 / load_vq / load_msvq accept."""
+    from encoder import load_dinov2
+    from vq import load_msvq, load_vq
+    train.main(["--task", "encoder", "--toy", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "enc")])
+    assert load_dinov2(tmp_path / "enc" / "encoder.safetensors").cfg.patch_size == 8
+    train.main(["--task", "vq", "--toy", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "vq")])
+    assert load_vq(tmp_path / "vq" / "vq.safetensors").cfg.codebook_size == 1024
+    train.main(["--task", "vq", "--arch", "next-scale", "--toy", "--steps", "1", "--batch-size", "2",
+                "--out", str(tmp_path / "msvq")])
+    patch_nums = read_meta(tmp_path / "msvq" / "vq.safetensors")["patch_nums"]
+    assert load_msvq(tmp_path / "msvq" / "vq.safetensors", patch_nums=patch_nums).cfg.patch_nums == tuple(patch_nums)
