@@ -136,7 +136,7 @@ class GPTConfig:
 
 
 GPT_SIZES = {"GPT-B": (768, 12, 12), "GPT-L": (1024, 24, 16), "GPT-XL": (1280, 36, 20),
-             "GPT-XXL": (1536, 48, 24), "toy": (256, 6, 4)}
+             "GPT-XXL": (1536, 48, 24), "toy": (128, 6, 2)}
 
 
 def gpt_config(name: str, **overrides) -> GPTConfig:
@@ -437,9 +437,9 @@ VAR_SIZES = {f"d{d}": d for d in (12, 16, 20, 24, 30)}
 
 
 def var_config(name: str, **overrides) -> VARConfig:
-    """VAR-d{12..30}: width 64 d, d heads, d blocks; "toy" is a 4-block, width-128 model."""
+    """VAR-d{12..30}: width 64 d, d heads, d blocks; "toy" is a 6-block, width-128 model with 2 heads."""
     if name == "toy":
-        return VARConfig(**{"depth": 4, "dim": 128, "n_head": 4, **overrides})
+        return VARConfig(**{"depth": 6, "dim": 128, "n_head": 2, **overrides})
     if name not in VAR_SIZES:
         raise ValueError(f"unknown VAR size {name!r}; choose from {', '.join(VAR_SIZES)}, toy")
     d = VAR_SIZES[name]

@@ -5,8 +5,23 @@ Both prefill [P_s ; T_t] once into the KV cache and then decode: one image token
 batch [cond ; uncond] (EditAR eq. 5), where the unconditional half drops the text (or class) and
 keeps the image prefix.
 """
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from checkpoint import CheckpointError
+from data import DataError, load_image, to_image, to_tensor
+from encoder import load_dinov2
+from model import encode_bytes, load_scar
+from vq import load_msvq, load_vq
 
 
 def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
@@ -36,13 +51,13 @@ def guide(logits, cfg: float):  # (2B, V) [cond ; uncond] -> (B, V)
 
 @torch.no_grad()
 def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0,
-                    generator=None, use_cache=True):
+                    generator=None, use_cache=True, progress=False):
     """Sample (B, n_tokens) int64 image tokens, as LlamaGen's `generate`.
 
     `model` is an official `NextTokenTransformer` (cond: class ids or caption features with
     `cond_mask`) or a `SCAR` model (cond: (F_s, text)). For cfg > 1 the unconditional half is built
     here from the conditional batch. `use_cache=False` recomputes the whole sequence every step
-    and gives the same tokens. No cache is left on the model afterwards.
+    and gives the same tokens. No cache is left on the model afterwards. `progress` shows a bar.
     """
     backbone = getattr(model, "backbone", model)
     prefix = model.prefix(cond, cond_mask)
@@ -53,7 +68,7 @@ def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=
     tokens = torch.zeros(B, n_tokens, dtype=torch.long, device=prefix.h.device)
     try:
         logits = backbone.prefill(prefix, n_tokens) if use_cache else None
-        for i in range(n_tokens):
+        for i in tqdm(range(n_tokens), desc="decoding", disable=not progress, leave=False):
             if not use_cache:  # the last column is a placeholder that is never read
                 seen = tokens[:, :i + 1].repeat(2 if guided else 1, 1)
                 logits = backbone.logits(prefix, seen, n_tokens)[:, i]
@@ -67,19 +82,19 @@ def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=
 
 
 @torch.no_grad()
-def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top_p=0.0, generator=None):
+def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top_p=0.0, generator=None, mask=None):
     """Sample the codes of every scale, [(B, p, p) int64], as VAR's `autoregressive_infer_cfg`.
 
     `model` is an official `NextScaleTransformer` (labels: class ids) or a next-scale `SCAR` model
     (labels: (F_s, text)). The batch is always doubled and the guidance ramps linearly over the
     scales: at scale s, guided = (1 + t) cond - t uncond with t = cfg * s / (S - 1), so cfg = 1
     still guides the last scale. top_p = 0.0 is off (VAR's convention); temperature divides the
-    guided logits. The image is `vqvae.decode(codes)`.
+    guided logits. The image is `vqvae.decode(codes)`. `mask` is the text padding mask of a text model.
     """
     backbone = getattr(model, "backbone", model)
-    prefix = model.prefix(labels)
+    prefix = model.prefix(labels, mask)
     B = prefix.h.shape[0]
-    prefix = prefix.cat(model.prefix(labels, drop_text=torch.ones(B, dtype=torch.bool, device=prefix.h.device)))
+    prefix = prefix.cat(model.prefix(labels, mask, drop_text=torch.ones(B, dtype=torch.bool, device=prefix.h.device)))
     patch_nums = backbone.cfg.patch_nums
     K, S = patch_nums[-1], len(patch_nums)
     f_hat = prefix.h.new_zeros(B, vqvae.cfg.z_channels, K, K, dtype=torch.float32)
@@ -98,3 +113,134 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
     finally:
         backbone.reset_cache()
     return codes
+
+
+# ---------------------------------------------------------------- the command line
+
+DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy" / "scar_edit.safetensors"
+
+
+class SampleError(ValueError):
+    """A user mistake: reported in one line, exit status 2, nothing written."""
+
+
+def fit_square(img: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Pad the shorter side with the image's border colour (the background of a drawing), then resize
+    to size x size; returns the padded box so the output can be cropped back to the input's shape."""
+    w, h = img.size
+    side = max(w, h)
+    border = np.concatenate([np.asarray(img)[[0, -1]].reshape(-1, 3), np.asarray(img)[:, [0, -1]].reshape(-1, 3)])
+    fill = tuple(int(c) for c in np.median(border, axis=0))
+    canvas = Image.new("RGB", (side, side), fill)
+    box = ((side - w) // 2, (side - h) // 2, (side - w) // 2 + w, (side - h) // 2 + h)
+    canvas.paste(img, box[:2])
+    return canvas.resize((size, size), Image.BICUBIC), box
+
+
+def unfit(out: Image.Image, box, side: int, size: tuple[int, int]) -> Image.Image:
+    """Inverse of fit_square: back to the padded square's scale, crop the input's box, input's size."""
+    return out.resize((side, side), Image.BICUBIC).crop(box).resize(size, Image.BICUBIC)
+
+
+def frozen_parts(meta: dict, ckpt: Path, device):
+    """The DINOv2 and tokenizer a SCAR checkpoint names (paths relative to the checkpoint's folder)."""
+    dino = load_dinov2(ckpt.parent / meta["dino"]["path"]).to(device)
+    vq_path = ckpt.parent / meta["vq"]["path"]
+    if meta["arch"] == "next-scale":
+        return dino, load_msvq(vq_path, patch_nums=tuple(meta["vq"]["patch_nums"])).to(device)
+    return dino, load_vq(vq_path).to(device)
+
+
+@torch.no_grad()
+def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
+               generator=None, progress=False):
+    """Edited images (B, 3, S, S) in [-1, 1] of sources x (B, 3, S, S) at the model's resolution S."""
+    F_s = dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
+    text_len = model.backbone.cfg.text_len
+    too_long = [p for p in prompts if len(p.encode()) > text_len]
+    if too_long:
+        raise SampleError(f"the prompt is {len(too_long[0].encode())} bytes long; this model reads at most {text_len}")
+    ids, mask = (t.to(x.device) for t in encode_bytes(prompts, text_len))
+    if meta["arch"] == "next-scale":
+        codes = generate_scales(model, vq, (F_s, ids), cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, mask=mask)
+    else:
+        grid = meta["image_size"] // vq.downsample
+        codes = generate_tokens(model, (F_s, ids), grid * grid, cond_mask=mask, cfg=cfg, temperature=temperature,
+                                top_k=top_k, top_p=top_p, generator=generator, progress=progress).view(-1, grid, grid)
+    return vq.decode(codes).clamp(-1, 1)
+
+
+def edit(model, meta, dino, vq, image: Image.Image, prompt: str, n=1, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
+         seed=0, device="cpu") -> list[Image.Image]:
+    """`n` edited versions of `image` (any size or aspect ratio) following `prompt`, at the input's size."""
+    square, box = fit_square(image, meta["image_size"])
+    x = to_tensor(square)[None].to(device).expand(n, -1, -1, -1)
+    out = edit_batch(model, meta, dino, vq, x, [prompt] * n, cfg, temperature, top_k, top_p,
+                     torch.Generator(device).manual_seed(seed), progress=True)
+    return [unfit(to_image(o), box, max(image.size), image.size) for o in out]
+
+
+def grid_image(images: list[Image.Image]) -> Image.Image:
+    w, h = images[0].size
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    canvas = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        canvas.paste(img, ((i % cols) * w, (i // cols) * h))
+    return canvas
+
+
+def save_atomic(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Edit an image with a SCAR model: source image -> DINOv2 -> compressor -> prefill -> decode "
+                    "-> VQ decode, with classifier-free guidance.",
+        epilog='example: python sample.py --image examples/scene1.png --prompt "make the circle blue"')
+    p.add_argument("--image", type=Path, required=True, help="the source image (any format Pillow reads, any size)")
+    p.add_argument("--prompt", required=True, help="the instruction, e.g. \"make the circle blue\"")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model)")
+    p.add_argument("--out", type=Path, help="output PNG (default: <image name>_edited.png next to the input)")
+    p.add_argument("--n", type=int, default=1, help="number of samples, saved side by side as one grid")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none; EditAR uses 3)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same image")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if not args.prompt.strip():
+            raise SampleError("the prompt is empty")
+        if args.n < 1:
+            raise SampleError("--n must be at least 1")
+        image = load_image(args.image)
+        model, meta = load_scar(args.ckpt)
+        if meta.get("task") != "edit":
+            raise SampleError(f"{args.ckpt}: a {meta.get('task')!r} model; this command edits images")
+        model = model.to(args.device)
+        dino, vq = frozen_parts(meta, args.ckpt, args.device)
+        outs = edit(model, meta, dino, vq, image, args.prompt.strip(), args.n, args.cfg, args.temperature, args.top_k,
+                    args.top_p, args.seed, args.device)
+        out = args.out or args.image.with_name(f"{args.image.stem}_edited.png")
+        save_atomic(grid_image(outs), out)
+        print(out)
+    except (SampleError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ continues the run exactly; `OUT/log.jsonl` gets one JSON line per logged step.
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="per-process batch of one forward pass (default: batch / processes); the rest is accumulated")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (betas 0.9/0.95, weight decay 0.05)")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="after warmup: constant (the papers' fine-tuning) or cosine decay to 0 at --steps (toy runs from scratch)")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.safetensors, log.jsonl, exports")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32; default bf16 on CUDA, fp32 on "
@@ -218,7 +222,7 @@ class VQTask:
     def losses(self, model, batch):
         images = torch.cat([batch["source"], batch["target"]]).to(self.device)
         out = model(images)
-        return {k: out[k] for k in ("loss", "rec", "codebook", "commit", "usage", "perplexity")}
+        return {k: v for k, v in out.items() if k not in ("recon", "codes")}
 
     def export(self, model):
         return dict(model.state_dict()), self.meta
@@ -270,6 +274,14 @@ def make_optimizer(model, lr):
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
+
+
+def learning_rate(args, step: int) -> float:  # for optimiser step `step` (0-based)
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+    return args.lr
 
 
 def optimizer_tensors(opt) -> tuple[dict, dict]:
@@ -327,14 +339,12 @@ def batches(data, run, args, epoch: int, start: int):
     """Per-process micro-batches of one epoch, from sample position `start` of this rank's share."""
     sampler = DistributedSampler(data, run.world, run.rank, shuffle=True, seed=args.seed, drop_last=True)
     sampler.set_epoch(epoch)
-    indices = list(sampler)[start:]
     micro = args.micro_batch_size or args.batch_size // run.world
     # A generator of its own: creating a loader must not draw from the global RNG, or a resumed run
     # (which creates one more loader) would drift from the uninterrupted one.
-    loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=micro, shuffle=False,
-                        num_workers=args.workers, collate_fn=collate, drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed + epoch))
-    return loader, len(indices)
+    return DataLoader(torch.utils.data.Subset(data, list(sampler)[start:]), batch_size=micro, shuffle=False,
+                      num_workers=args.workers, collate_fn=collate, drop_last=True,
+                      generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
 def check_finite(losses, step, run):
@@ -372,11 +382,8 @@ def train(args, run: Dist):
     data = dataset(args)
     log = open(args.out / "log.jsonl", "a") if run.rank == 0 else None
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.task} {args.arch}", disable=run.rank != 0, dynamic_ncols=True)
-    model.train()
-    if args.task in ("edit", "control"):
-        task.dino.eval(), task.vq.eval()
-    loader, left = batches(data, run, args, epoch, pos)
-    it = iter(loader)
+    model.train()  # the frozen DINOv2 and tokenizer stay in eval mode
+    it = iter(batches(data, run, args, epoch, pos))
     while step < args.steps:
         t0 = time.perf_counter()
         totals, tokens = {}, 0
@@ -384,8 +391,7 @@ def train(args, run: Dist):
             batch = next(it, None)
             if batch is None:  # next epoch
                 epoch, pos = epoch + 1, 0
-                loader, left = batches(data, run, args, epoch, 0)
-                it = iter(loader)
+                it = iter(batches(data, run, args, epoch, 0))
                 batch = next(it)
             pos += micro
             sync = ddp.no_sync() if run.world > 1 and i < accum - 1 else contextlib.nullcontext()
@@ -397,13 +403,16 @@ def train(args, run: Dist):
                 totals[k] = totals.get(k, 0.0) + v.item() / accum
             tokens += task.tokens * batch["target"].shape[0]
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
         dt = time.perf_counter() - t0
         if log and (step % args.log_every == 0 or step == args.steps):
-            record = {"step": step, **{k: round(v, 5) for k, v in totals.items()}, "step_time": round(dt, 4)}
+            record = {"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": learning_rate(args, step - 1),
+                      "step_time": round(dt, 4)}
             if tokens:
                 record["tokens_per_s"] = round(tokens * run.world / dt, 1)
             log.write(json.dumps(record) + "\n")

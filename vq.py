@@ -30,12 +30,14 @@ class VQConfig:
     codebook_dim: int = 8
     num_res_blocks: int = 2  # the decoder uses one more per level, as LlamaGen and VAR do
     beta: float = 0.25  # commitment weight
+    entropy_weight: float = 0.0  # codebook entropy loss (LlamaGen's entropy_loss_ratio): fights code collapse
 
 
 VQ_SIZES = {
     "VQ-16": VQConfig(),
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
-    "toy": VQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024, codebook_dim=8, num_res_blocks=1),
+    "toy": VQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024, codebook_dim=8, num_res_blocks=1,
+                    entropy_weight=0.1),
 }
 
 
@@ -49,12 +51,13 @@ class MSVQConfig:
     num_phi: int = 4  # shared refinement convs (VAR's share_quant_resi)
     num_res_blocks: int = 2
     beta: float = 0.25
+    entropy_weight: float = 0.0
 
 
 MSVQ_SIZES = {
     "vae_ch160v4096z32": MSVQConfig(),
     "toy": MSVQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=16, codebook_size=1024,
-                      patch_nums=(1, 2, 3, 4, 6, 8), num_res_blocks=1),
+                      patch_nums=(1, 2, 3, 4, 6, 8), num_res_blocks=1, entropy_weight=0.1),
 }
 
 
@@ -180,9 +183,22 @@ class ConvDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-def nearest_code(z, codebook):  # (N, C), (V, C) -> (N,) index of the closest row in squared L2
-    d = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
-    return d.argmin(1)
+def code_distances(z, codebook):  # (N, C), (V, C) -> squared L2 distances (N, V)
+    return z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
+
+
+def nearest_code(z, codebook):  # (N, C), (V, C) -> (N,) index of the closest row (first on ties)
+    return code_distances(z, codebook).argmin(1)
+
+
+def entropy_loss(d, temperature: float = 0.01):
+    """LlamaGen's codebook entropy loss on distances d (N, V): each vector's soft assignment
+    softmax(-d / T) should be confident (low entropy) while the batch as a whole spreads over the
+    codebook (high entropy of the mean assignment)."""
+    logp = (-d / temperature).log_softmax(-1)
+    p = logp.exp()
+    mean = p.mean(0)
+    return -(p * logp).sum(-1).mean() + (mean * (mean + 1e-8).log()).sum()
 
 
 def codebook_usage(codes, codebook_size: int) -> dict[str, torch.Tensor]:
@@ -259,13 +275,16 @@ class VQModel(nn.Module):
         """Training step: reconstruction through the straight-through estimator, and the losses.
 
         codebook = |sg(z) - z_q|^2 moves the codes, commit = beta |z - sg(z_q)|^2 holds the encoder
-        near them, rec = |img - recon|^2; "loss" is their sum.
+        near them, rec = |img - recon|^2, and with entropy_weight the entropy loss; "loss" is their sum.
         """
         codes, z = self.quantize_latent(self.quant_conv(self.encoder(img)))
         z_q = self.embed(codes)
         recon = self.decoder(self.post_quant_conv(z + (z_q - z).detach()))
         losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(z_q, z.detach()),
                   "commit": self.cfg.beta * F.mse_loss(z, z_q.detach())}
+        if self.cfg.entropy_weight:
+            d = code_distances(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), self.codebook())
+            losses["entropy"] = self.cfg.entropy_weight * entropy_loss(d)
         return {"recon": recon, "codes": codes, "loss": sum(losses.values()), **losses,
                 **codebook_usage(codes, self.cfg.codebook_size)}
 
@@ -317,15 +336,18 @@ class MultiScaleVQVAE(nn.Module):
             h = F.interpolate(h, size=(K, K), mode="bicubic")
         return self.quantize.quant_resi.qresi_ls[self.phi_index[s]](h)
 
-    def quantize_latent(self, f):  # (B, C, H, W) -> codes per scale, f_hat (differentiable in the codebook and phi)
-        f_rest, f_hat, codes = f.detach(), torch.zeros_like(f), []
+    def quantize_latent(self, f):
+        """(B, C, H, W) -> codes per scale, f_hat (differentiable in the codebook and phi), and the
+        distances (N, V) of every scale's residuals to the codes, concatenated."""
+        f_rest, f_hat, codes, dists = f.detach(), torch.zeros_like(f), [], []
         for s, p in enumerate(self.cfg.patch_nums):
             r = F.interpolate(f_rest, size=(p, p), mode="area") if p != f.shape[-1] else f_rest
             B, C = r.shape[:2]
-            codes.append(nearest_code(r.permute(0, 2, 3, 1).reshape(-1, C), self.quantize.embedding.weight).view(B, p, p))
+            dists.append(code_distances(r.permute(0, 2, 3, 1).reshape(-1, C), self.quantize.embedding.weight))
+            codes.append(dists[-1].argmin(1).view(B, p, p))
             h = self.scale_embedding(s, codes[-1])
             f_rest, f_hat = f_rest - h.detach(), f_hat + h
-        return codes, f_hat
+        return codes, f_hat, torch.cat(dists)
 
     def latent(self, img):  # (B, 3, H, W) -> f (B, C, p_K, p_K)
         check_images(img, self.downsample)
@@ -371,10 +393,12 @@ class MultiScaleVQVAE(nn.Module):
         """Training step, as VAR's quantiser: codebook |f_hat - sg(f)|^2 and commit beta |sg(f_hat) - f|^2
         (on the final f_hat), straight-through reconstruction loss |img - recon|^2."""
         f = self.latent(img)
-        codes, f_hat = self.quantize_latent(f)
+        codes, f_hat, d = self.quantize_latent(f)
         recon = self.decoder(self.post_quant_conv(f + (f_hat - f).detach()))
         losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(f_hat, f.detach()),
                   "commit": self.cfg.beta * F.mse_loss(f, f_hat.detach())}
+        if self.cfg.entropy_weight:
+            losses["entropy"] = self.cfg.entropy_weight * entropy_loss(d)
         flat = torch.cat([c.flatten() for c in codes])
         return {"recon": recon, "codes": codes, "loss": sum(losses.values()), **losses,
                 **codebook_usage(flat, self.cfg.codebook_size)}

@@ -7,28 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, save_tiny_frozen
 
 import model as model_module
 import train
-from checkpoint import read_checkpoint, read_meta, save_checkpoint
-from encoder import DINOv2, DINOv2Config
-from vq import MSVQConfig, MultiScaleVQVAE, VQConfig, VQModel
+from checkpoint import read_checkpoint, read_meta
 
 
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory):
-    """A tiny random DINOv2 and tokenizers, saved as the toy stages export them."""
-    folder = tmp_path_factory.mktemp("frozen")
-    torch.manual_seed(0)
-    dino = DINOv2(DINOv2Config(dim=64, depth=2, heads=1, ffn_hidden=128, patch_size=8, pos_grid=4))
-    save_checkpoint(folder / "dino.safetensors", dino.state_dict(), {"kind": "dinov2"})
-    vq = VQModel(VQConfig(ch=32, ch_mult=(1, 1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1))
-    save_checkpoint(folder / "vq.safetensors", vq.state_dict(), {"kind": "vq"})
-    msvq = MultiScaleVQVAE(MSVQConfig(ch=32, ch_mult=(1, 1, 1), z_channels=8, codebook_size=64, patch_nums=(1, 2, 4, 8),
-                                      num_res_blocks=1))
-    save_checkpoint(folder / "msvq.safetensors", msvq.state_dict(), {"kind": "msvq", "patch_nums": [1, 2, 4, 8]})
-    return folder
+    return save_tiny_frozen(tmp_path_factory.mktemp("frozen"))
 
 
 def args(frozen, out, *extra, arch="next-token", steps=4):

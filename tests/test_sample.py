@@ -1,0 +1,120 @@
+"""sample.py and eval.py end to end on a small SCAR checkpoint made by train.py, and every bad input."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluation
+import sample
+import train
+from conftest import save_tiny_frozen
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """One-step SCAR models (next-token and next-scale) on tiny frozen parts, as train.py writes them."""
+    folder = save_tiny_frozen(tmp_path_factory.mktemp("run"))
+    out = {}
+    for arch, vq_file in (("next-token", "vq"), ("next-scale", "msvq")):
+        train.main(["--task", "edit", "--arch", arch, "--toy", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                    "--dino", str(folder / "dino.safetensors"), "--vq", str(folder / f"{vq_file}.safetensors"),
+                    "--out", str(folder / arch)])
+        out[arch] = folder / arch / "edit.safetensors"
+    return out
+
+
+@pytest.fixture()
+def drawing(tmp_path):
+    """A user's picture: a red disc on white, non-square, RGBA."""
+    img = Image.new("RGBA", (90, 50), (255, 255, 255, 255))
+    for x in range(30, 50):
+        for y in range(15, 35):
+            if (x - 40) ** 2 + (y - 25) ** 2 < 100:
+                img.putpixel((x, y), (220, 40, 40, 255))
+    img.save(tmp_path / "disc.png")
+    return tmp_path / "disc.png"
+
+
+@pytest.mark.parametrize("arch", ["next-token", "next-scale"])
+def test_sample_writes_an_image_of_the_input_size(ckpts, drawing, tmp_path, arch):
+    out = tmp_path / f"{arch}.png"
+    sample.main(["--image", str(drawing), "--prompt", "make the circle blue", "--ckpt", str(ckpts[arch]),
+                 "--out", str(out), "--seed", "3"])
+    assert Image.open(out).size == (90, 50)
+    again = tmp_path / "again.png"
+    sample.main(["--image", str(drawing), "--prompt", "make the circle blue", "--ckpt", str(ckpts[arch]),
+                 "--out", str(again), "--seed", "3"])
+    assert again.read_bytes() == out.read_bytes()  # same seed, same image
+
+
+def test_default_output_name_and_grid(ckpts, drawing):
+    sample.main(["--image", str(drawing), "--prompt", "remove the circle", "--ckpt", str(ckpts["next-token"]), "--n", "4"])
+    grid = drawing.with_name("disc_edited.png")
+    assert Image.open(grid).size == (180, 100)  # 2 x 2 samples
+
+
+def test_kv_cache_gives_the_same_tokens_on_a_saved_model(ckpts):
+    model, meta = sample.load_scar(ckpts["next-token"])
+    torch.nn.init.normal_(model.backbone.output.weight, std=0.5)  # one training step leaves the head near zero
+    F_s = torch.randn(2, 4, 4, 64)
+    ids, mask = sample.encode_bytes(["make it red", "remove"], model.backbone.cfg.text_len)
+    runs = [sample.generate_tokens(model, (F_s, ids), 64, mask, cfg=3.0, top_k=8,
+                                   generator=torch.Generator().manual_seed(1), use_cache=c) for c in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("directory", "is a directory"),
+    ("unreadable", "not a readable image"),
+    ("empty", "the prompt is empty"),
+    ("blank", "the prompt is empty"),
+    ("long", "this model reads at most 56"),
+    ("no-ckpt", "no such file"),
+    ("foreign-ckpt", "not a SCAR checkpoint"),
+])
+def test_bad_inputs_exit_2_and_write_nothing(ckpts, drawing, tmp_path, capsys, case, message):
+    image, prompt, ckpt = str(drawing), "make the circle blue", str(ckpts["next-token"])
+    if case == "missing":
+        image = str(tmp_path / "nope.png")
+    if case == "directory":
+        image = str(tmp_path)
+    if case == "unreadable":
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+        image = str(tmp_path / "bad.png")
+    if case == "empty":
+        prompt = ""
+    if case == "blank":
+        prompt = "   \t"
+    if case == "long":
+        prompt = "make the circle blue " * 5
+    if case == "no-ckpt":
+        ckpt = str(tmp_path / "none.safetensors")
+    if case == "foreign-ckpt":
+        ckpt = str(ckpts["next-token"].parent.parent / "vq.safetensors")
+    out = tmp_path / "out.png"
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--image", image, "--prompt", prompt, "--ckpt", ckpt, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_eval_reports_every_metric(ckpts, tmp_path, capsys):
+    evaluation.main(["--bench", "toy", "--ckpt", str(ckpts["next-token"]), "--n", "4", "--batch", "2",
+                     "--json", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= result["edit_success_pct"] <= 100 and 0 < result["background_psnr_db"] <= 60
+    assert 0 < result["target_psnr_db"] <= 60 and result["images_per_s"] > 0 and result["n"] == 4
+    assert "edit success" in capsys.readouterr().out
+
+
+def test_psnr_and_success_metrics():
+    a = torch.zeros(1, 3, 4, 4)
+    region = torch.ones(1, 1, 4, 4)
+    assert evaluation.psnr(a, a, region).item() == 60.0
+    assert abs(evaluation.psnr(a, a + 0.2, region).item() - 20.0) < 1e-4  # error 0.1 on [0, 1] pixels
+    target, source = torch.ones(1, 3, 4, 4), -torch.ones(1, 3, 4, 4)
+    assert evaluation.edit_success(target * 0.9, source, target, region).item()
+    assert not evaluation.edit_success(source * 0.9, source, target, region).item()
