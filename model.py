@@ -729,9 +729,6 @@ class SCAR(nn.Module):
             P_s = P_s + self.prefix_pos
         return self.backbone.image_text_prefix(P_s, (h, w), text, cond_mask, drop_text, self.cfg.causal)
 
-    def logits(self, cond, inputs, cond_mask=None):  # teacher-forced logits, no dropout
-        return self.backbone.logits(self.prefix(cond, cond_mask), inputs)
-
     def cfg_dropout(self, B: int, device):
         """Per-sample (drop_text, drop_image) flags: text only, image only, or both, each with its probability."""
         u = torch.rand(B, device=device)
