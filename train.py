@@ -151,6 +151,9 @@ class SCARTask:
         scar_cfg = SCARConfig(feature_dim=C, feature_grid=grid, k=args.k, compressor=args.compressor,
                               delta=args.delta, stop_grad_target=args.stop_grad_target, causal=args.causal)
         self.model = SCAR(scar_cfg, self.backbone()).to(device)
+        if args.init and int(os.environ.get("RANK", 0)) == 0:
+            print(f"{args.init}: backbone loaded; newly initialised: {', '.join(self.model.new_parameter_names())}",
+                  file=sys.stderr)
         # Frozen parts are referenced, not stored: paths relative to the run folder, so a copied run still finds them.
         relative = lambda p: os.path.relpath(Path(p).resolve(), args.out.resolve())
         self.meta = {"kind": "scar", "task": args.task, "arch": args.arch,

@@ -135,3 +135,24 @@ def test_toy_stages_export_what_the_loaders_read(tmp_path):
                 "--out", str(tmp_path / "msvq")])
     patch_nums = read_meta(tmp_path / "msvq" / "vq.safetensors")["patch_nums"]
     assert load_msvq(tmp_path / "msvq" / "vq.safetensors", patch_nums=patch_nums).cfg.patch_nums == tuple(patch_nums)
+
+
+def test_init_from_an_official_backbone_on_labelled_control_data(tmp_path, capsys):
+    """--init with the official-format c2i GPT: class labels condition it, the new SCAR parts are reported."""
+    import shutil
+
+    from conftest import FIXTURES
+    folder = tmp_path / "control"
+    shutil.copytree(FIXTURES / "control_folder", folder)
+    (folder / "manifest.jsonl").write_text('{"image": "a.png", "label": 1}\n{"image": "b.png", "label": 7}\n')
+    train.main(["--task", "control", "--arch", "next-token", "--data", str(folder), "--image-size", "32",
+                "--init", str(FIXTURES / "llamagen_gpt_c2i" / "checkpoint.pt"),
+                "--dino", str(FIXTURES / "dinov2_hf" / "dinov2-vit48d4h3"), "--vq", str(FIXTURES / "llamagen_vq" / "checkpoint.pt"),
+                "--batch-size", "2", "--steps", "2", "--log-every", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    reported = err.split("newly initialised: ")[1].split("\n")[0].split("\r")[0].split(", ")
+    assert {"null_prefix", "proj.weight", "compressor.conv.weight", "compressor.up.0.weight"} <= set(reported)
+    assert not any(name.startswith("backbone.") for name in reported)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    assert read_meta(tmp_path / "run" / "control.safetensors")["backbone"]["cond"] == "class"
