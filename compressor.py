@@ -8,7 +8,6 @@ Variants (the paper's Table 4), by name:
     "resize"       F_c = R_k(F_s)
     "unshuffle"    F_c = Linear(C k^2 -> C)(pixel_unshuffle_k(F_s))
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

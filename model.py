@@ -12,7 +12,7 @@ official models and `SCAR` both build one, and training, prefill and decoding al
 """
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch

@@ -156,11 +156,10 @@ def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperatur
                generator=None, progress=False):
     """Edited images (B, 3, S, S) in [-1, 1] of sources x (B, 3, S, S) at the model's resolution S."""
     F_s = dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
-    text_len = model.backbone.cfg.text_len
-    too_long = [p for p in prompts if len(p.encode()) > text_len]
-    if too_long:
-        raise SampleError(f"the prompt is {len(too_long[0].encode())} bytes long; this model reads at most {text_len}")
-    ids, mask = (t.to(x.device) for t in encode_bytes(prompts, text_len))
+    try:
+        ids, mask = (t.to(x.device) for t in encode_bytes(prompts, model.backbone.cfg.text_len))
+    except ValueError as e:  # a prompt longer than the model's text slots
+        raise SampleError(str(e)) from None
     if meta["arch"] == "next-scale":
         codes = generate_scales(model, vq, (F_s, ids), cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator, mask=mask)

@@ -31,8 +31,8 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, read_checkpoint, read_meta, save_checkpoint
 from data import ControlDataset, DataError, EditDataset, ToyControl, ToyEdits
 from encoder import DINOv2, DINOv2Config, load_dinov2
-from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, build_scar,
-                   encode_bytes, gpt_config, load_llamagen, load_var, var_config)
+from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_bytes, gpt_config,
+                   load_llamagen, load_var, var_config)
 from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq
 
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices

@@ -337,8 +337,8 @@ class MultiScaleVQVAE(nn.Module):
         return self.quantize.quant_resi.qresi_ls[self.phi_index[s]](h)
 
     def quantize_latent(self, f):
-        """(B, C, H, W) -> codes per scale, f_hat (differentiable in the codebook and phi), and the
-        distances (N, V) of every scale's residuals to the codes, concatenated."""
+        """(B, C, H, W) -> codes per scale, f_hat (differentiable in the codebook and phi), and each
+        scale's distances (N_s, V) of its residuals to the codes."""
         f_rest, f_hat, codes, dists = f.detach(), torch.zeros_like(f), [], []
         for s, p in enumerate(self.cfg.patch_nums):
             r = F.interpolate(f_rest, size=(p, p), mode="area") if p != f.shape[-1] else f_rest
@@ -347,7 +347,7 @@ class MultiScaleVQVAE(nn.Module):
             codes.append(dists[-1].argmin(1).view(B, p, p))
             h = self.scale_embedding(s, codes[-1])
             f_rest, f_hat = f_rest - h.detach(), f_hat + h
-        return codes, f_hat, torch.cat(dists)
+        return codes, f_hat, dists
 
     def latent(self, img):  # (B, 3, H, W) -> f (B, C, p_K, p_K)
         check_images(img, self.downsample)
@@ -398,7 +398,7 @@ class MultiScaleVQVAE(nn.Module):
         losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(f_hat, f.detach()),
                   "commit": self.cfg.beta * F.mse_loss(f, f_hat.detach())}
         if self.cfg.entropy_weight:
-            losses["entropy"] = self.cfg.entropy_weight * entropy_loss(d)
+            losses["entropy"] = self.cfg.entropy_weight * entropy_loss(torch.cat(d))
         flat = torch.cat([c.flatten() for c in codes])
         return {"recon": recon, "codes": codes, "loss": sum(losses.values()), **losses,
                 **codebook_usage(flat, self.cfg.codebook_size)}

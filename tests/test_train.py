@@ -47,7 +47,7 @@ def test_resume_equals_uninterrupted(frozen, tmp_path, arch):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in logs], abs=1e-5)  # same data order
 
 
-def test_gradient_accumulation_runs_and_matches_shapes(frozen, tmp_path):
+def test_gradient_accumulation_advances_the_data_by_micro_batches(frozen, tmp_path):
     train.main(args(frozen, tmp_path, "--micro-batch-size", "2", steps=2))
     assert read_meta(tmp_path / "checkpoint.safetensors")["data"] == [0, 8]  # 2 steps x 2 micro-batches x 2
 
