@@ -6,8 +6,10 @@ Every dataset yields dicts of tensors in [-1, 1]:
     mask   (1, H, W)   where the edit happens (all ones when a record has no mask)
     text   str         the instruction or caption (control data may give `label`, a class id, instead)
 """
+import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 Image.MAX_IMAGE_PIXELS = 20_000 ** 2  # refuse decompression bombs, accept any real photo
 
@@ -175,15 +178,56 @@ def read_manifest(folder, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     return records
 
 
+T5_DIR = "t5"  # precomputed T5 features of a folder: t5/<manifest line>.npy
+T5_SLOTS = 120  # caption slots of LlamaGen's t2i models
+
+
+def read_text_features(path, slots: int = T5_SLOTS):
+    """One record's T5 features as LlamaGen's feature extraction saves them, (1, L, D) float32, placed in
+    the last L of `slots` zero rows -> (emb (slots, D), mask (slots,) bool, zeros first): the t2i GPT's
+    left padding, equal to `T5Encoder.caption_features`."""
+    try:
+        valid = torch.from_numpy(np.load(path)).float()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read text features ({e}); write them with `python data.py t5-features`") from None
+    if valid.ndim != 3 or valid.shape[0] != 1 or not 0 < valid.shape[1] <= slots:
+        raise DataError(f"{path}: text features must be (1, L, D) with 1 <= L <= {slots}, got {tuple(valid.shape)}")
+    emb, mask = torch.zeros(slots, valid.shape[2]), torch.zeros(slots, dtype=torch.bool)
+    emb[slots - valid.shape[1]:], mask[slots - valid.shape[1]:] = valid[0], True
+    return emb, mask
+
+
+def write_text_features(folder, t5_folder, batch: int = 16) -> int:
+    """Encode every record's instruction (or caption) of a manifest folder with T5 into FOLDER/t5/<line>.npy,
+    each file written atomically; returns the number written."""
+    from encoder import load_t5  # only this command needs the text encoder
+    folder = Path(folder)
+    t5 = load_t5(t5_folder).to("cuda" if torch.cuda.is_available() else "cpu")
+    records = [(n, r.get("instruction", r.get("caption"))) for n, r in read_manifest(folder, ())]
+    records = [(n, str(text)) for n, text in records if text is not None]
+    out = folder / T5_DIR
+    out.mkdir(exist_ok=True)
+    for first in tqdm(range(0, len(records), batch), desc="T5 features", unit="batch"):
+        chunk = records[first:first + batch]
+        embs, mask = t5.caption_features([text for _, text in chunk])
+        for (n, _), emb, valid in zip(chunk, embs, mask):
+            tmp = out / f".{n}.npy.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, emb[-int(valid.sum()):][None].float().cpu().numpy())
+            os.replace(tmp, out / f"{n}.npy")
+    return len(records)
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """Shared reading of a manifest folder: resolved paths, missing files, skipping, transforms."""
 
     image_keys: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
 
-    def __init__(self, folder, size: int = 256, flip: bool = False, skip_bad: bool = False):
+    def __init__(self, folder, size: int = 256, flip: bool = False, skip_bad: bool = False, text_features: bool = False):
         self.folder, self.size, self.flip, self.skip_bad = Path(folder), size, flip, skip_bad
         self.manifest = self.folder / "manifest.jsonl"
+        self.text_features = text_features  # read FOLDER/t5/<line>.npy (written by `python data.py t5-features`)
         self.records, skipped = [], 0
         for n, record in read_manifest(folder, self.required):
             missing = [record[k] for k in self.image_keys if record.get(k) and not (self.folder / record[k]).is_file()]
@@ -212,6 +256,8 @@ class FolderDataset(torch.utils.data.Dataset):
             n, record = self.records[(i + j) % len(self)]
             try:
                 item = self.read(n, record)
+                if self.text_features:
+                    item["text_emb"], item["text_mask"] = read_text_features(self.folder / T5_DIR / f"{n}.npy")
             except DataError as e:
                 if not self.skip_bad:
                     raise
@@ -244,11 +290,12 @@ class ControlDataset(FolderDataset):
 
     image_keys, required = ("image", "control"), ("image",)
 
-    def __init__(self, folder, size: int = 256, control: str = "canny", flip: bool = False, skip_bad: bool = False):
+    def __init__(self, folder, size: int = 256, control: str = "canny", flip: bool = False, skip_bad: bool = False,
+                 text_features: bool = False):
         if control not in CONTROLS:
             raise ValueError(f"control kind must be one of {', '.join(CONTROLS)}, got {control!r}")
         self.control = control
-        super().__init__(folder, size, flip, skip_bad)
+        super().__init__(folder, size, flip, skip_bad, text_features)
         for n, record in self.records:
             if "caption" not in record and "label" not in record:
                 raise DataError(f"{self.manifest}:{n}: record needs a caption or a label")
@@ -270,10 +317,14 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (240, 210, 40), "purple": (140, 60, 180), "orange": (245, 130, 30)}
 BACKGROUNDS = {"white": (240, 240, 240), "gray": (140, 140, 140), "black": (30, 30, 30), "beige": (225, 205, 165)}
-SIZES = {"small": 0.10, "medium": 0.14, "large": 0.19}  # radius as a fraction of the image side
+SIZES = {"small": 0.07, "medium": 0.09, "large": 0.11}  # radius as a fraction of the image side
+# Shapes sit on a 3 x 3 grid of places at 1/4, 1/2 and 3/4 of the side: at 64 px these are corners of
+# the 8 x 8 token grid, so a shape never overlaps another and fills exactly 2 x 2 tokens, one quadrant
+# each. The same shape then gives the same tokens wherever it is, which lets a tokenizer and an editor
+# trained for minutes on a CPU be nearly exact.
 PLACES = {f"{v}{' ' if v and h else ''}{h}" or "center": (x, y)
-          for v, y in (("top", 1 / 5), ("", 1 / 2), ("bottom", 4 / 5))
-          for h, x in (("left", 1 / 5), ("", 1 / 2), ("right", 4 / 5))}
+          for v, y in (("top", 1 / 4), ("", 1 / 2), ("bottom", 3 / 4))
+          for h, x in (("left", 1 / 4), ("", 1 / 2), ("right", 3 / 4))}
 EDITS = ("recolor", "background", "remove", "add", "move", "reshape", "resize")
 
 PHRASES = {
@@ -289,11 +340,11 @@ PHRASES = {
     "resize": ["make the {ref} {bigger}", "make the {ref} a bit {bigger}", "{grow} the {ref}"],
 }
 
-# (edit, shape, colour) triples that only the held-out split contains; "shape" is the background
-# style for background edits. Shape and colour are those of the edited object after the edit.
+# (edit, shape, colour) triples that only the held-out split contains: the kind and colour of the edited
+# object after the edit, or for background edits ("background", old colour, new colour).
 HELD_OUT = {("recolor", "triangle", "green"), ("recolor", "circle", "orange"), ("add", "square", "purple"),
             ("add", "triangle", "yellow"), ("remove", "circle", "blue"), ("move", "square", "red"),
-            ("reshape", "triangle", "blue"), ("resize", "circle", "yellow"), ("background", "gradient", "black")}
+            ("reshape", "triangle", "blue"), ("resize", "circle", "yellow"), ("background", "white", "black")}
 
 
 @dataclass(frozen=True)
@@ -301,20 +352,19 @@ class Shape:
     kind: str
     color: str
     size: str
-    x: float  # centre, as fractions of the image side
-    y: float
+    place: str
 
 
 @dataclass(frozen=True)
 class Scene:
     background: str
-    style: str  # "plain", or "gradient-h" / "gradient-v"
-    shapes: tuple[Shape, ...]
+    shapes: tuple[Shape, ...]  # at distinct places
 
 
 def shape_mask(shape: Shape, n: int) -> np.ndarray:  # (n, n) bool footprint of one shape
     c = (np.arange(n) + 0.5) / n
-    x, y = c[None, :] - shape.x, c[:, None] - shape.y
+    cx, cy = PLACES[shape.place]
+    x, y = c[None, :] - cx, c[:, None] - cy
     r = SIZES[shape.size]
     if shape.kind == "circle":
         return x ** 2 + y ** 2 <= r ** 2
@@ -324,16 +374,11 @@ def shape_mask(shape: Shape, n: int) -> np.ndarray:  # (n, n) bool footprint of 
 
 
 def render(scene: Scene, n: int = 64) -> np.ndarray:
-    """The scene as (n, n, 3) uint8: background, then the shapes in order (later ones on top)."""
-    base = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
-    img = np.broadcast_to(base, (n, n, 3)).copy()
-    if scene.style != "plain":
-        t = (np.arange(n) + 0.5) / n
-        ramp = (1.25 - 0.5 * t)[None, :, None] if scene.style == "gradient-h" else (1.25 - 0.5 * t)[:, None, None]
-        img = np.clip(base * ramp + 12 * (ramp - 1), 0, 255) * np.ones((n, n, 1))
+    """The scene as (n, n, 3) uint8: a plain background and the shapes."""
+    img = np.broadcast_to(np.array(BACKGROUNDS[scene.background], dtype=np.uint8), (n, n, 3)).copy()
     for shape in scene.shapes:
         img[shape_mask(shape, n)] = COLORS[shape.color]
-    return img.round().astype(np.uint8)
+    return img
 
 
 def reference(scene: Scene, shape: Shape, rng) -> str:
@@ -342,20 +387,18 @@ def reference(scene: Scene, shape: Shape, rng) -> str:
     return f"{shape.color} {shape.kind}" if len(same_kind) > 1 or rng.random() < 0.5 else shape.kind
 
 
-def random_shape(rng, kind=None, color=None) -> Shape:
-    return Shape(kind or str(rng.choice(SHAPES)), color or str(rng.choice(list(COLORS))),
-                 str(rng.choice(list(SIZES))), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8)))
+def free_places(scene: Scene) -> list[str]:
+    taken = {s.place for s in scene.shapes}
+    return [p for p in PLACES if p not in taken]
 
 
 def random_scene(rng) -> Scene:
     shapes = []
-    for _ in range(int(rng.integers(1, 4))):
-        shape = random_shape(rng)
-        if any((s.kind, s.color) == (shape.kind, shape.color) for s in shapes):
-            continue  # every object must stay nameable by colour and shape
-        shapes.append(shape)
-    style = str(rng.choice(["plain", "plain", "gradient-h", "gradient-v"]))
-    return Scene(str(rng.choice(list(BACKGROUNDS))), style, tuple(shapes))
+    for place in rng.choice(list(PLACES), size=int(rng.integers(1, 4)), replace=False):
+        shape = Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES))), str(place))
+        if not any((s.kind, s.color) == (shape.kind, shape.color) for s in shapes):  # objects stay nameable
+            shapes.append(shape)
+    return Scene(str(rng.choice(list(BACKGROUNDS))), tuple(shapes))
 
 
 @dataclass(frozen=True)
@@ -369,7 +412,7 @@ class Edit:
     @property
     def triple(self) -> tuple[str, str, str]:
         if self.kind == "background":
-            return "background", "plain" if self.after.style == "plain" else "gradient", self.after.background
+            return "background", self.before.background, self.after.background
         shape = self.changed[-1]
         return self.kind, shape.kind, shape.color
 
@@ -388,11 +431,10 @@ def random_edit(scene: Scene, rng) -> Edit | None:
     if kind == "add":
         if len(shapes) == 3:
             return None
-        place = str(rng.choice(list(PLACES)))
-        new = replace(random_shape(rng), size="medium", x=PLACES[place][0], y=PLACES[place][1])
+        new = Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), "medium", str(rng.choice(free_places(scene))))
         if any((s.kind, s.color) == (new.kind, new.color) for s in shapes):
             return None
-        text = template.format(color=new.color, shape=new.kind, place=place)
+        text = template.format(color=new.color, shape=new.kind, place=new.place)
         return Edit(kind, scene, replace(scene, shapes=(*shapes, new)), text, (new,))
     if kind == "remove":
         if len(shapes) == 1:
@@ -402,11 +444,8 @@ def random_edit(scene: Scene, rng) -> Edit | None:
         new = replace(old, color=str(rng.choice([c for c in COLORS if c != old.color])))
         text = template.format(ref=ref, color=new.color)
     elif kind == "move":
-        place = str(rng.choice(list(PLACES)))
-        new = replace(old, x=PLACES[place][0], y=PLACES[place][1])
-        if math.dist((old.x, old.y), (new.x, new.y)) < 0.15:
-            return None
-        text = template.format(ref=ref, place=place)
+        new = replace(old, place=str(rng.choice(free_places(scene))))
+        text = template.format(ref=ref, place=new.place)
     elif kind == "reshape":
         new = replace(old, kind=str(rng.choice([k for k in SHAPES if k != old.kind])))
         text = template.format(ref=ref, shape=new.kind, color=new.color)
@@ -441,14 +480,11 @@ SPLITS = {"train": 0, "heldout": 1}
 
 def toy_edit(index: int, split: str = "train", seed: int = 0) -> Edit:
     """Edit number `index` of a split: the same (index, split, seed) always gives the same edit; the
-    held-out split holds exactly the HELD_OUT triples, the training split never does; every edit
-    changes some pixels."""
+    held-out split holds exactly the HELD_OUT triples, the training split never does."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     while True:
         edit = random_edit(random_scene(rng), rng)
-        if edit is None or (edit.triple in HELD_OUT) != (split == "heldout"):
-            continue
-        if not np.array_equal(render(edit.before), render(edit.after)):  # an edit hidden behind another shape teaches nothing
+        if edit is not None and (edit.triple in HELD_OUT) == (split == "heldout"):
             return edit
 
 
@@ -493,3 +529,24 @@ class ToyControl(torch.utils.data.Dataset):
         target = to_tensor(Image.fromarray(render(scene, self.size)))
         return {"source": control_map(target, self.control), "target": target, "text": caption(scene),
                 "mask": torch.ones(1, self.size, self.size)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Data set tools. t5-features: precompute the T5 caption features of a "
+                                "manifest folder, e.g.  python data.py t5-features --data /data/seed_edit --t5 flan-t5-xl")
+    p.add_argument("command", choices=["t5-features"], help="t5-features: write DATA/t5/<manifest line>.npy for every record")
+    p.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl")
+    p.add_argument("--t5", type=Path, required=True, help="Hugging Face google/flan-t5-* folder (with spiece.model)")
+    p.add_argument("--batch", type=int, default=16, help="captions encoded together")
+    args = p.parse_args(argv)
+    from checkpoint import CheckpointError
+    try:
+        n = write_text_features(args.data, args.t5, args.batch)
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {n} feature files to {args.data / T5_DIR}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,9 +6,13 @@ renamed into that layout on load. Outputs match the official code to float32 rou
 
     images in [-1,1] --preprocess--> (B,3,H,W) normalised --ViT--> F_s (B, h, w, C), h = H / 14
 """
+import html
 import math
 import re
+import unicodedata
+import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -347,3 +351,277 @@ def dinov2_from_state_dict(sd, hf_config=None, num_heads=None, source="state dic
     check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, source, "DINOv2")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
     return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- T5: the caption encoder of LlamaGen's t2i models
+
+@dataclass
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 2048  # Flan-T5-XL
+    d_kv: int = 64
+    num_heads: int = 32
+    d_ff: int = 5120
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+
+
+class T5LayerNorm(nn.Module):
+    """T5's norm: scale by the root mean square, no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def relative_bucket(offset, num_buckets: int, max_distance: int):
+    """Bidirectional T5 buckets of key - query offsets: half the buckets per direction (keys to the
+    right get the upper half); small distances exactly, larger ones on a log scale up to max_distance."""
+    half = num_buckets // 2
+    exact = half // 2
+    n = offset.abs()
+    log = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    return (offset > 0).long() * half + torch.where(n < exact, n, log.clamp(max=half - 1))
+
+
+class T5Attention(nn.Module):
+    def __init__(self, cfg: T5Config, has_bias: bool):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        if has_bias:  # only the first block owns the table; every block adds the same position bias
+            self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.num_heads)
+        self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
+
+    def forward(self, x, bias):  # x (B, T, D), bias (B, H, T, T) position bias + key mask
+        B, T, _ = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, self.d_kv).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-1, -2) + bias).float()  # T5 folds 1/sqrt(d_kv) into its q weights
+        out = scores.softmax(-1).to(v.dtype) @ v  # (B, H, T, d_kv)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class T5SelfAttentionLayer(nn.Module):
+    def __init__(self, cfg: T5Config, has_bias: bool):
+        super().__init__()
+        self.SelfAttention, self.layer_norm = T5Attention(cfg, has_bias), T5LayerNorm(cfg.d_model, cfg.eps)
+
+    def forward(self, x, bias):
+        return x + self.SelfAttention(self.layer_norm(x), bias)
+
+
+class T5GatedGelu(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)  # the gate
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class T5FeedForwardLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense, self.layer_norm = T5GatedGelu(cfg), T5LayerNorm(cfg.d_model, cfg.eps)
+
+    def forward(self, x):
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class T5Block(nn.Module):
+    def __init__(self, cfg: T5Config, has_bias: bool):
+        super().__init__()
+        self.layer = nn.ModuleList([T5SelfAttentionLayer(cfg, has_bias), T5FeedForwardLayer(cfg)])
+
+    def forward(self, x, bias):
+        return self.layer[1](self.layer[0](x, bias))
+
+
+class T5Encoder(nn.Module):
+    """The encoder half of Flan-T5, in Hugging Face's names without the `encoder.` prefix.
+
+        ids (B, T) --embed_tokens--> x --blocks (shared relative position bias)--> final norm --> (B, T, D)
+
+    No absolute positions and no embedding scale: positions enter only through the bias that block 0's
+    table gives every block. `tokenize` and `caption_features` need the folder's spiece.model.
+    """
+
+    def __init__(self, cfg: T5Config, spiece=None):
+        super().__init__()
+        self.cfg, self.spiece = cfg, spiece
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.block = nn.ModuleList(T5Block(cfg, has_bias=i == 0) for i in range(cfg.num_layers))
+        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.eps)
+
+    def position_bias(self, T: int, device):  # (1, H, T, T): bias[h, i, j] = table[bucket(j - i), h]
+        pos = torch.arange(T, device=device)
+        buckets = relative_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets, self.cfg.max_distance)
+        return self.block[0].layer[0].SelfAttention.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+
+    def forward(self, ids, mask):  # ids, mask (B, T) -> last hidden state (B, T, D), pad rows included
+        x = self.embed_tokens(ids)
+        key_mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask == 0, torch.finfo(x.dtype).min)
+        bias = self.position_bias(ids.shape[1], ids.device) + key_mask[:, None, None, :]
+        for block in self.block:
+            x = block(x, bias)
+        return self.final_layer_norm(x)
+
+    def tokenize(self, texts: list[str], max_len: int = 120):
+        """(ids, mask) (B, max_len) int64: sentencepiece pieces + EOS, right-padded with 0; a long text
+        keeps its first max_len - 1 pieces and the EOS. No cleaning (see `clean_caption`)."""
+        if self.spiece is None:
+            raise ValueError("this T5Encoder has no tokenizer: load it with load_t5(folder)")
+        ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate(texts):
+            pieces = self.spiece.encode(text)[:max_len - 1] + [T5_EOS]
+            ids[row, :len(pieces)], mask[row, :len(pieces)] = torch.tensor(pieces), 1
+        return ids, mask
+
+    @torch.no_grad()
+    def caption_features(self, texts: list[str], max_len: int = 120):
+        """LlamaGen's caption conditioning: clean, tokenize, encode, then move each caption's L valid
+        vectors to the last L slots (in order) and zero the rest. -> embs (B, max_len, D), mask (B, max_len)
+        with zeros first: the left padding the t2i GPT reads."""
+        ids, mask = self.tokenize([clean_caption(clean_caption(t)) for t in texts], max_len)
+        device = self.embed_tokens.weight.device
+        hidden = self(ids.to(device), mask.to(device))
+        lengths = mask.sum(1).tolist()
+        embs = torch.stack([h.roll(-L, 0) for h, L in zip(hidden, lengths)])  # rotate: valid rows to the end
+        flipped = mask.flip(1).to(device)
+        return embs * flipped[..., None], flipped
+
+
+T5_EOS = 1  # every Flan-T5 tokenizer: pad 0, </s> 1, <unk> 2, no BOS
+
+
+def load_t5(folder) -> T5Encoder:
+    """The frozen T5 encoder of a Hugging Face `google/flan-t5-*` folder (config.json with
+    model.safetensors, sharded safetensors or pytorch_model.bin); its spiece.model, when present,
+    is the tokenizer (read on first use with the sentencepiece package)."""
+    sd, hf_config = read_checkpoint(folder)
+    if hf_config is None:
+        raise CheckpointError(f"{folder}: not a Hugging Face folder with config.json: pass the google/flan-t5-* folder")
+    return t5_from_state_dict(sd, hf_config, spiece=Path(folder) / "spiece.model", source=folder)
+
+
+def t5_from_state_dict(sd, hf_config: dict, spiece=None, source="state dict") -> T5Encoder:
+    """`load_t5` for a state dict in memory: the encoder keys of T5ForConditionalGeneration or T5EncoderModel."""
+    kind, ffn = hf_config.get("model_type"), hf_config.get("feed_forward_proj", "relu")
+    if kind != "t5":
+        raise CheckpointError(f"{source}: config.json describes a {kind!r} model, not T5")
+    if ffn != "gated-gelu":
+        raise CheckpointError(f"{source}: feed_forward_proj is {ffn!r}; only the gated-GELU encoders of Flan-T5 / T5 v1.1 are supported")
+    cfg = T5Config(hf_config["vocab_size"], hf_config["d_model"], hf_config["d_kv"], hf_config["num_heads"],
+                   hf_config["d_ff"], hf_config["num_layers"], hf_config.get("relative_attention_num_buckets", 32),
+                   hf_config.get("relative_attention_max_distance", 128), hf_config.get("layer_norm_epsilon", 1e-6))
+    own = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if "embed_tokens.weight" not in own and "shared.weight" in sd:  # newer save_pretrained drops tied copies
+        own["embed_tokens.weight"] = sd["shared.weight"]
+    with torch.device("meta"):
+        model = T5Encoder(cfg, TokenizerFile(spiece) if spiece else None)
+    check_state_dict(own, {k: v.shape for k, v in model.state_dict().items()}, source, "T5 encoder")
+    model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in own.items()}, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+class TokenizerFile:
+    """T5's sentencepiece model, opened on first use: only tokenizing needs the sentencepiece package."""
+
+    def __init__(self, path):
+        self.path, self.processor = Path(path), None
+
+    def encode(self, text: str) -> list[int]:
+        if self.processor is None:
+            if not self.path.is_file():
+                raise CheckpointError(f"{self.path}: missing: T5's tokenizer file (spiece.model) must sit in the model folder")
+            try:
+                import sentencepiece
+            except ImportError:
+                raise CheckpointError("reading T5's spiece.model needs the sentencepiece package: pip install sentencepiece") from None
+            self.processor = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        return self.processor.encode(text)
+
+
+# LlamaGen cleans every caption twice with DeepFloyd IF's clean_caption before T5 sees it. The same rules,
+# in the same order, without its ftfy and BeautifulSoup dependencies: HTML tags are dropped and entities
+# unescaped by the standard library, and of ftfy's repairs only those that change ordinary text are made
+# (full-width forms and Latin ligatures folded, control characters and BOMs removed, NFC). Not reproduced:
+# ftfy's mojibake repair (text decoded with the wrong codec) and BeautifulSoup's handling of broken markup.
+DASHES = "\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d"
+CAPTION_RULES = [  # (pattern, replacement), applied in order after lower-casing
+    (r"<person>", "person"),
+    (r"\bhttps?:(?:/{1,3}|[a-zA-Z0-9%])|\b[a-zA-Z0-9.\-]+\.(?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b/?(?!@)", ""),  # URLs
+    (r"\bwww:(?:/{1,3}|[a-zA-Z0-9%])", ""),
+    (r"<[^<>]*>", ""),  # HTML tags (entities are unescaped next)
+    (None, "unescape"),
+    (r"@[\w\d]+\b", ""),  # @handles
+    (r"[\u31c0-\u9fff]+", ""),  # CJK strokes, enclosed and compatibility forms, ideographs (not kana or Hangul)
+    (f"[{DASHES}]+", "-"),
+    (r"[`´«»“”¨]", '"'),
+    (r"[‘’]", "'"),
+    (r"&quot;?", ""),
+    (r"&amp", ""),
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # IP addresses
+    (r"\d:\d\d\s+$", ""),
+    (r"\\n", " "),
+    (r"#\d{1,3}\b", ""),
+    (r"#\d{5,}\b", ""),
+    (r"\b\d{6,}\b", ""),
+    (r"\S+\.(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)", ""),  # file names
+    (r"[\"']{2,}", '"'),
+    (r"\.{2,}", " "),
+    (r"[#®•©™&@·º½¾¿¡§~()\[\]{}|\\/*]+", " "),
+    (r"\s+\.\s+", " "),
+    (None, "dashes"),
+    (None, "ftfy"),
+    (None, "unescape"),
+    (None, "unescape"),
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),  # product codes: jc6640, jc6640vc, 6640vc231, ...
+    (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),
+    (r"(worldwide\s+)?(free\s+)?shipping", ""),
+    (r"(free\s)?download(\sfree)?", ""),
+    (r"\bclick\b\s(?:for|on)\s\w+", ""),
+    (r"\b(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)(\simage[s]?)?", ""),
+    (r"\bpage\s+\d+\b", ""),
+    (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),
+    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),  # sizes such as 1920x1080
+    (r"\b\s+:\s+", ": "),
+    (r"(\D[,./])\b", r"\1 "),
+    (r"\s+", " "),
+    (r"^[\"']([\w\W]+)[\"']$", r"\1"),  # the text is not stripped before these three, as in the original
+    (r"^['_,\-:;]", ""),
+    (r"['_,\-:+]$", ""),
+    (r"^\.\S+$", ""),
+]
+
+
+def _ftfy_subset(text: str) -> str:
+    text = re.sub("[\uff01-\uff5e\u3000\ufb00-\ufb06]", lambda m: unicodedata.normalize("NFKC", m[0]), text)
+    return unicodedata.normalize("NFC", re.sub("[\x00-\x08\x0b\x0e-\x1f\x7f\ufeff]", "", text))
+
+
+def clean_caption(text: str) -> str:
+    """One pass of LlamaGen's caption cleaning (it applies two): lower-case, strip URLs, HTML,
+    handles, CJK ideographs, most punctuation and web boilerplate, and collapse white space."""
+    text = urllib.parse.unquote_plus(str(text)).strip().lower()
+    for pattern, replacement in CAPTION_RULES:
+        if replacement == "unescape":
+            text = html.unescape(text)
+        elif replacement == "dashes":
+            if len(re.findall(r"[-_]", text)) > 3:  # this-is-a-file-name -> words
+                text = re.sub(r"[-_]", " ", text)
+        elif replacement == "ftfy":
+            text = _ftfy_subset(text)
+        else:
+            text = re.sub(pattern, replacement, text)
+    return text.strip()

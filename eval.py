@@ -1,6 +1,6 @@
 """Metrics: a SCAR checkpoint on the toy world's held-out edits.
 
-    python eval.py --bench toy --ckpt checkpoints/toy/scar_edit.safetensors
+    python eval.py --bench toy --ckpt checkpoints/toy/edit_next_token/edit.safetensors
 
 For each held-out edit (source, instruction, ground-truth target, edit mask) the model edits the
 source, and per image:
@@ -42,7 +42,7 @@ def edit_success(out, source, target, mask):  # (B,) bool
 def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu") -> dict:
     model, meta = load_scar(ckpt)
     model = model.to(device)
-    dino, vq = frozen_parts(meta, ckpt, device)
+    dino, vq, t5 = frozen_parts(meta, ckpt, device)
     data = ToyEdits(n, "heldout", size=meta["image_size"], seed=seed)
     generator = torch.Generator(device).manual_seed(seed)
     success, background, target_psnr, kinds = [], [], [], []
@@ -50,7 +50,7 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
     for first in tqdm(range(0, n, batch), desc="held-out edits"):
         items = [data[i] for i in range(first, min(n, first + batch))]
         source, target, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
-        out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, top_k=top_k, generator=generator)
+        out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, top_k=top_k, generator=generator, t5=t5)
         success.append(edit_success(out, source, target, mask))
         background.append(psnr(out, source, 1 - mask))
         target_psnr.append(psnr(out, target, torch.ones_like(mask)))

@@ -18,8 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import DataError, load_image, to_image, to_tensor
-from encoder import load_dinov2
+from data import CONTROLS, DataError, control_map, load_image, to_image, to_tensor
+from encoder import load_dinov2, load_t5
 from model import encode_bytes, load_scar
 from vq import load_msvq, load_vq
 
@@ -82,14 +82,16 @@ def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=
 
 
 @torch.no_grad()
-def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top_p=0.0, generator=None, mask=None):
+def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top_p=0.0, generator=None, mask=None,
+                    progress=False):
     """Sample the codes of every scale, [(B, p, p) int64], as VAR's `autoregressive_infer_cfg`.
 
     `model` is an official `NextScaleTransformer` (labels: class ids) or a next-scale `SCAR` model
     (labels: (F_s, text)). The batch is always doubled and the guidance ramps linearly over the
     scales: at scale s, guided = (1 + t) cond - t uncond with t = cfg * s / (S - 1), so cfg = 1
     still guides the last scale. top_p = 0.0 is off (VAR's convention); temperature divides the
-    guided logits. The image is `vqvae.decode(codes)`. `mask` is the text padding mask of a text model.
+    guided logits. The image is `vqvae.decode(codes)`. `mask` is the text padding mask of a text model;
+    `progress` shows a bar over the scales.
     """
     backbone = getattr(model, "backbone", model)
     prefix = model.prefix(labels, mask)
@@ -101,7 +103,7 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
     codes, inputs = [], None
     try:
         backbone.prefill(prefix)
-        for s, p in enumerate(patch_nums):
+        for s, p in enumerate(tqdm(patch_nums, desc="decoding scales", disable=not progress, leave=False)):
             logits = backbone.decode(s, inputs)  # (2B, p^2, V)
             t = cfg * s / (S - 1)
             guided = (1 + t) * logits[:B] - t * logits[B:]
@@ -117,7 +119,8 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
 
 # ---------------------------------------------------------------- the command line
 
-DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy" / "scar_edit.safetensors"
+# The shipped toy model (README: the toy stack); it finds its encoder and tokenizer in ../encoder, ../vq.
+DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy" / "edit_next_token" / "edit.safetensors"
 
 
 class SampleError(ValueError):
@@ -142,41 +145,64 @@ def unfit(out: Image.Image, box, side: int, size: tuple[int, int]) -> Image.Imag
     return out.resize((side, side), Image.BICUBIC).crop(box).resize(size, Image.BICUBIC)
 
 
-def frozen_parts(meta: dict, ckpt: Path, device):
-    """The DINOv2 and tokenizer a SCAR checkpoint names (paths relative to the checkpoint's folder)."""
+def frozen_parts(meta: dict, ckpt: Path, device, t5=None):
+    """The DINOv2, tokenizer and (for T5 models) text encoder a SCAR checkpoint names, paths relative to
+    the checkpoint's folder; `t5` overrides the T5 folder recorded at training."""
     dino = load_dinov2(ckpt.parent / meta["dino"]["path"]).to(device)
     vq_path = ckpt.parent / meta["vq"]["path"]
     if meta["arch"] == "next-scale":
-        return dino, load_msvq(vq_path, patch_nums=tuple(meta["vq"]["patch_nums"])).to(device)
-    return dino, load_vq(vq_path).to(device)
+        vq = load_msvq(vq_path, patch_nums=tuple(meta["vq"]["patch_nums"])).to(device)
+    else:
+        vq = load_vq(vq_path).to(device)
+    text = meta.get("text", {"kind": "bytes"})
+    if text["kind"] != "t5":
+        return dino, vq, None
+    if t5 is None and "t5" not in text:
+        raise SampleError(f"{ckpt}: this model reads T5 features: pass --t5 FOLDER (google/flan-t5-*)")
+    return dino, vq, load_t5(t5 or ckpt.parent / text["t5"]).to(device)
+
+
+def text_condition(model, prompts: list[str], t5=None, device="cpu"):
+    """T_t's input for the prompts -> (text, mask): class ids, T5 caption features, or UTF-8 bytes."""
+    cfg = model.backbone.cfg
+    if cfg.cond == "class":
+        if not all(p.strip().isdigit() and int(p) < cfg.num_classes for p in prompts):
+            raise SampleError(f"this model is class-conditional: the prompt must be a class id, 0 to {cfg.num_classes - 1}")
+        return torch.tensor([int(p) for p in prompts], device=device), None
+    if cfg.cond == "caption":
+        embs, mask = t5.caption_features(prompts)
+        return embs.to(device), mask.bool().to(device)
+    try:
+        ids, mask = encode_bytes(prompts, cfg.text_len)
+    except ValueError as e:  # a prompt longer than the model's text slots
+        raise SampleError(str(e)) from None
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
 def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-               generator=None, progress=False):
-    """Edited images (B, 3, S, S) in [-1, 1] of sources x (B, 3, S, S) at the model's resolution S."""
+               generator=None, progress=False, t5=None):
+    """Images (B, 3, S, S) in [-1, 1] generated from sources x (B, 3, S, S) at the model's resolution S
+    (the image to edit, or a control map) and the prompts."""
     F_s = dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
-    try:
-        ids, mask = (t.to(x.device) for t in encode_bytes(prompts, model.backbone.cfg.text_len))
-    except ValueError as e:  # a prompt longer than the model's text slots
-        raise SampleError(str(e)) from None
+    text, mask = text_condition(model, prompts, t5, x.device)
     if meta["arch"] == "next-scale":
-        codes = generate_scales(model, vq, (F_s, ids), cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                                generator=generator, mask=mask)
+        codes = generate_scales(model, vq, (F_s, text), cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, mask=mask, progress=progress)
     else:
         grid = meta["image_size"] // vq.downsample
-        codes = generate_tokens(model, (F_s, ids), grid * grid, cond_mask=mask, cfg=cfg, temperature=temperature,
+        codes = generate_tokens(model, (F_s, text), grid * grid, cond_mask=mask, cfg=cfg, temperature=temperature,
                                 top_k=top_k, top_p=top_p, generator=generator, progress=progress).view(-1, grid, grid)
     return vq.decode(codes).clamp(-1, 1)
 
 
 def edit(model, meta, dino, vq, image: Image.Image, prompt: str, n=1, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-         seed=0, device="cpu") -> list[Image.Image]:
-    """`n` edited versions of `image` (any size or aspect ratio) following `prompt`, at the input's size."""
+         seed=0, device="cpu", t5=None) -> list[Image.Image]:
+    """`n` outputs for `image` (any size or aspect ratio) and `prompt`, at the input's size."""
     square, box = fit_square(image, meta["image_size"])
     x = to_tensor(square)[None].to(device).expand(n, -1, -1, -1)
     out = edit_batch(model, meta, dino, vq, x, [prompt] * n, cfg, temperature, top_k, top_p,
-                     torch.Generator(device).manual_seed(seed), progress=True)
+                     torch.Generator(device).manual_seed(seed), progress=True, t5=t5)
     return [unfit(to_image(o), box, max(image.size), image.size) for o in out]
 
 
@@ -201,14 +227,23 @@ def save_atomic(img: Image.Image, path: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Edit an image with a SCAR model: source image -> DINOv2 -> compressor -> prefill -> decode "
-                    "-> VQ decode, with classifier-free guidance.",
-        epilog='example: python sample.py --image examples/scene1.png --prompt "make the circle blue"')
+        description="Edit an image (or generate one from a control map) with a SCAR model: source image -> DINOv2 "
+                    "-> compressor -> prefill -> decode -> VQ decode, with classifier-free guidance.",
+        epilog='examples:\n  python sample.py --image examples/three_shapes.png --prompt "make the circle blue"\n'
+               '  python sample.py --image edges.png --control map --prompt "a cat on a sofa" --ckpt runs/canny/control.safetensors\n'
+               '  python sample.py --image photo.jpg --prompt "make the sky pink" --ckpt runs/xl/edit.safetensors --t5 flan-t5-xl',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, required=True, help="the source image (any format Pillow reads, any size)")
-    p.add_argument("--prompt", required=True, help="the instruction, e.g. \"make the circle blue\"")
+    p.add_argument("--prompt", required=True, help="the instruction (\"make the circle blue\"), a caption, or a class "
+                   "id for class-conditional control models")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model)")
     p.add_argument("--out", type=Path, help="output PNG (default: <image name>_edited.png next to the input)")
     p.add_argument("--n", type=int, default=1, help="number of samples, saved side by side as one grid")
+    p.add_argument("--control", choices=["map", *CONTROLS],
+                   help="controllable generation (a control model): the image is the control map (map), or the map "
+                        "is computed from it (canny, softedge, depth)")
+    p.add_argument("--text", choices=["bytes", "t5"], help="how the model reads text (default: as it was trained)")
+    p.add_argument("--t5", type=Path, help="google/flan-t5-* folder for T5 models (default: the one used in training)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none; EditAR uses 3)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0 = all)")
@@ -216,6 +251,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     return p.parse_args(argv)
+
+
+def source_image(image: Image.Image, control: str | None, task: str, ckpt: Path) -> Image.Image:
+    """The image SCAR reads: the picture to edit, or the control map (given, or computed from the picture)."""
+    if (task == "control") != (control is not None):
+        raise SampleError(f"{ckpt}: trained for {task!r}: " + ("pass --control" if task == "control" else "drop --control"))
+    if control in (None, "map"):
+        return image
+    return to_image(control_map(to_tensor(image), control))
 
 
 def main(argv=None):
@@ -227,12 +271,14 @@ def main(argv=None):
             raise SampleError("--n must be at least 1")
         image = load_image(args.image)
         model, meta = load_scar(args.ckpt)
-        if meta.get("task") != "edit":
-            raise SampleError(f"{args.ckpt}: a {meta.get('task')!r} model; this command edits images")
+        kind = meta.get("text", {"kind": "bytes"})["kind"]
+        if args.text and args.text != kind:
+            raise SampleError(f"{args.ckpt}: this model reads text as {kind}, not {args.text}")
+        image = source_image(image, args.control, meta.get("task"), args.ckpt)
         model = model.to(args.device)
-        dino, vq = frozen_parts(meta, args.ckpt, args.device)
+        dino, vq, t5 = frozen_parts(meta, args.ckpt, args.device, args.t5)
         outs = edit(model, meta, dino, vq, image, args.prompt.strip(), args.n, args.cfg, args.temperature, args.top_k,
-                    args.top_p, args.seed, args.device)
+                    args.top_p, args.seed, args.device, t5)
         out = args.out or args.image.with_name(f"{args.image.stem}_edited.png")
         save_atomic(grid_image(outs), out)
         print(out)

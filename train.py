@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_checkpoint, read_meta, save_checkpoint
-from data import ControlDataset, DataError, EditDataset, ToyControl, ToyEdits
-from encoder import DINOv2, DINOv2Config, load_dinov2
+from data import T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, read_text_features
+from encoder import DINOv2, DINOv2Config, load_dinov2, load_t5
 from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_bytes, gpt_config,
                    load_llamagen, load_var, var_config)
 from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq
@@ -38,6 +38,9 @@ from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_v
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices
 TOY_DINO = DINOv2Config(dim=128, depth=4, heads=2, ffn_hidden=512, patch_size=8, pos_grid=8)
 TEXT_LEN = {"edit": 56, "control": 80}  # byte slots of the toy's instructions and captions
+
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class UsageError(ValueError):
@@ -80,17 +83,25 @@ def parse_args(argv=None):
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
     p.add_argument("--causal", action="store_true", help="plain causal attention (ablation) instead of the prefix mask")
     p.add_argument("--stop-grad-target", action="store_true", help="no gradient into P_t through L_align")
+    p.add_argument("--text", choices=["bytes", "t5"], default="bytes",
+                   help="how T_t reads text: UTF-8 bytes (the toy) or T5 caption features (LlamaGen t2i weights; needs --t5)")
+    p.add_argument("--t5", type=Path, help="google/flan-t5-* folder: encodes captions on the fly unless DATA/t5/ holds "
+                   "features precomputed by `python data.py t5-features`")
     p.add_argument("--control", default="canny", choices=["canny", "softedge", "depth"], help="control map kind")
     p.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable images (counted in the log)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0 keeps resumption bit-exact)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
     p.add_argument("--log-every", type=int, default=10, help="log interval in steps")
+    p.add_argument("--export-dtype", choices=list(EXPORT_DTYPES), default="fp32",
+                   help="dtype of the weights in OUT/<task>.safetensors (fp16 halves the shipped toy models)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.task in ("edit", "control") and not (args.dino and args.vq):
         p.error(f"--task {args.task} needs --dino and --vq")
     if args.task in ("vq", "encoder") and not args.toy and args.data is None:
         p.error("--data or --toy is required")
+    if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
+        p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
     return args
 
 
@@ -113,14 +124,20 @@ def setup_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
+def precomputed_text(args) -> bool:
+    """T5 features written by `python data.py t5-features` are read instead of running the T5."""
+    return args.text == "t5" and args.data is not None and (args.data / T5_DIR).is_dir()
+
+
 def dataset(args):
+    features = precomputed_text(args)
     if args.task == "control":
         if args.toy:
             return ToyControl(TOY_SAMPLES, size=args.image_size, seed=args.seed, control=args.control)
-        return ControlDataset(args.data, args.image_size, args.control, skip_bad=args.skip_bad)
+        return ControlDataset(args.data, args.image_size, args.control, skip_bad=args.skip_bad, text_features=features)
     if args.toy:
         return ToyEdits(TOY_SAMPLES, size=args.image_size, seed=args.seed)
-    return EditDataset(args.data, args.image_size, skip_bad=args.skip_bad)
+    return EditDataset(args.data, args.image_size, skip_bad=args.skip_bad, text_features=features)
 
 
 def collate(items):
@@ -128,6 +145,8 @@ def collate(items):
     for key in ("text", "label"):
         if key in items[0]:
             out[key] = [it[key] for it in items]
+    if "text_emb" in items[0]:
+        out["text_emb"], out["text_mask"] = (torch.stack([it[k] for it in items]) for k in ("text_emb", "text_mask"))
     return out
 
 
@@ -140,6 +159,7 @@ class SCARTask:
     def __init__(self, args, device):
         self.args, self.device = args, device
         self.dino = load_dinov2(args.dino).to(device)
+        self.t5 = load_t5(args.t5).to(device) if args.text == "t5" and not precomputed_text(args) else None
         self.next_scale = args.arch == "next-scale"
         if self.next_scale:
             patch_nums = read_meta(args.vq).get("patch_nums") if str(args.vq).endswith(".safetensors") else None
@@ -159,24 +179,44 @@ class SCARTask:
         self.meta = {"kind": "scar", "task": args.task, "arch": args.arch,
                      "backbone": asdict(self.model.backbone.cfg), "scar": asdict(scar_cfg),
                      "dino": {"path": relative(args.dino), "layers": args.dino_layers, "size": args.dino_size or None},
-                     "vq": {"path": relative(args.vq)}, "image_size": args.image_size}
+                     "vq": {"path": relative(args.vq)}, "image_size": args.image_size, "text": {"kind": args.text}}
+        if args.t5:
+            self.meta["text"]["t5"] = relative(args.t5)
         if self.next_scale:
             self.meta["vq"]["patch_nums"] = list(self.vq.cfg.patch_nums)
         self.tokens = sum(self.model.backbone.blocks_of_scales) if self.next_scale else \
             (args.image_size // self.vq.downsample) ** 2  # target tokens per sample
 
     def backbone(self):
-        a, text_len = self.args, TEXT_LEN[self.args.task]
+        a = self.args
+        text = dict(cond="bytes", text_len=TEXT_LEN[a.task])
+        if a.text == "t5":
+            text = dict(cond="caption", text_len=T5_SLOTS, caption_dim=self.t5_dim())
         if self.next_scale:
             if a.init:
                 return load_var(a.init).train()
-            return NextScaleTransformer(var_config(a.model, cond="bytes", text_len=text_len, vae_dim=self.vq.cfg.z_channels,
+            return NextScaleTransformer(var_config(a.model, **text, vae_dim=self.vq.cfg.z_channels,
                                                    vocab_size=self.vq.cfg.codebook_size, patch_nums=self.vq.cfg.patch_nums))
         if a.init:
-            return load_llamagen(a.init).train()
+            backbone = load_llamagen(a.init).train()
+            if backbone.cfg.cond == "caption" and a.text != "t5":
+                raise UsageError(f"{a.init} reads T5 caption features: pass --text t5 --t5 FOLDER")
+            if backbone.cfg.cond == "class" and a.text == "t5":
+                raise UsageError(f"{a.init} is class-conditional: it reads class labels, not T5 captions")
+            if a.text == "t5" and backbone.cfg.caption_dim != self.t5_dim():
+                raise UsageError(f"{a.init} reads {backbone.cfg.caption_dim}-d captions; the T5 gives {self.t5_dim()}-d features")
+            return backbone
         if a.model not in GPT_SIZES:
             raise UsageError(f"unknown next-token size {a.model!r}; choose from {', '.join(GPT_SIZES)}")
-        return NextTokenTransformer(gpt_config(a.model, cond="bytes", text_len=text_len, vocab_size=self.vq.cfg.codebook_size))
+        return NextTokenTransformer(gpt_config(a.model, **text, vocab_size=self.vq.cfg.codebook_size))
+
+    def t5_dim(self) -> int:
+        if self.t5 is not None:
+            return self.t5.cfg.d_model
+        first = next((self.args.data / T5_DIR).glob("*.npy"), None)
+        if first is None:
+            raise UsageError(f"{self.args.data / T5_DIR}: no feature files; write them with python data.py t5-features")
+        return read_text_features(first)[0].shape[1]
 
     def text(self, batch):
         cond = self.model.backbone.cfg.cond
@@ -184,8 +224,13 @@ class SCARTask:
             if "label" not in batch:
                 raise DataError("this backbone is class-conditional: the records need a 'label'")
             return torch.tensor(batch["label"], device=self.device), None
-        if cond != "bytes":
-            raise UsageError("caption (T5) conditioning needs precomputed text features, which this trainer does not read yet")
+        if cond == "caption":
+            if "text_emb" in batch:
+                return batch["text_emb"].to(self.device), batch["text_mask"].to(self.device)
+            if self.t5 is None:
+                raise UsageError("this backbone reads T5 caption features: pass --text t5 --t5 FOLDER")
+            embs, mask = self.t5.caption_features(batch["text"])
+            return embs, mask.bool()
         ids, mask = encode_bytes(batch["text"], self.model.backbone.cfg.text_len)
         return ids.to(self.device), mask.to(self.device)
 
@@ -329,10 +374,10 @@ def save(path, model, opt, step, data_pos, rng, task, args, run):
                                     "args": {k: str(v) for k, v in vars(args).items()}})
 
 
-def export(path, model, task, run):
-    if run.rank == 0:
+def export(path, model, task, run, dtype):
+    if run.rank == 0:  # loaders return float32 models whatever the file holds
         weights, meta = task.export(model)
-        save_checkpoint(path, weights, meta)
+        save_checkpoint(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, meta)
 
 
 # ---------------------------------------------------------------- the loop
@@ -424,7 +469,7 @@ def train(args, run: Dist):
         if step % args.save_every == 0 or step == args.steps:
             save(ckpt, model, opt, step, (epoch, pos), rng_states(run), task, args, run)
     bar.close()
-    export(args.out / f"{args.task}.safetensors", model, task, run)
+    export(args.out / f"{args.task}.safetensors", model, task, run, EXPORT_DTYPES[args.export_dtype])
     if log:
         log.close()
 

@@ -12,13 +12,14 @@ and commitment losses, reconstruction loss and codebook usage.
 """
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, check_state_dict, read_checkpoint
+from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
 
 
 @dataclass
@@ -29,6 +30,7 @@ class VQConfig:
     codebook_size: int = 16384
     codebook_dim: int = 8
     num_res_blocks: int = 2  # the decoder uses one more per level, as LlamaGen and VAR do
+    norm_groups: int = 32  # GroupNorm groups, 32 in LlamaGen and VAR; 0 = no normalisation (the toy)
     beta: float = 0.25  # commitment weight
     entropy_weight: float = 0.0  # codebook entropy loss (LlamaGen's entropy_loss_ratio): fights code collapse
 
@@ -37,7 +39,7 @@ VQ_SIZES = {
     "VQ-16": VQConfig(),
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
     "toy": VQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024, codebook_dim=8, num_res_blocks=1,
-                    entropy_weight=0.1),
+                    norm_groups=0, entropy_weight=0.1),
 }
 
 
@@ -50,6 +52,7 @@ class MSVQConfig:
     patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     num_phi: int = 4  # shared refinement convs (VAR's share_quant_resi)
     num_res_blocks: int = 2
+    norm_groups: int = 32
     beta: float = 0.25
     entropy_weight: float = 0.0
 
@@ -57,19 +60,19 @@ class MSVQConfig:
 MSVQ_SIZES = {
     "vae_ch160v4096z32": MSVQConfig(),
     "toy": MSVQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=16, codebook_size=1024,
-                      patch_nums=(1, 2, 3, 4, 6, 8), num_res_blocks=1, entropy_weight=0.1),
+                      patch_nums=(1, 2, 3, 4, 6, 8), num_res_blocks=1, norm_groups=0, entropy_weight=0.1),
 }
 
 
-def group_norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, c, eps=1e-6)
+def group_norm(c: int, groups: int) -> nn.Module:
+    return nn.GroupNorm(groups, c, eps=1e-6) if groups else nn.Identity()
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
@@ -80,9 +83,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions of a feature map."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.norm = group_norm(c)
+        self.norm = group_norm(c, groups)
         self.q, self.k, self.v = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
         self.proj_out = nn.Conv2d(c, c, 1)
 
@@ -112,10 +115,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def level(c_in: int, c_out: int, n_res: int, attn: bool) -> nn.Module:
+def level(c_in: int, c_out: int, n_res: int, attn: bool, groups: int) -> nn.Module:
     block = nn.Module()
-    block.res = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_res))
-    block.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n_res if attn else 0))
+    block.res = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n_res))
+    block.attn = nn.ModuleList(AttnBlock(c_out, groups) for _ in range(n_res if attn else 0))
     return block
 
 
@@ -130,20 +133,20 @@ def run_level(block: nn.Module, x):
 class ConvEncoder(nn.Module):
     """(B, 3, H, W) -> (B, z_channels, H / 2^(L-1), W / 2^(L-1)); attention at the lowest resolution."""
 
-    def __init__(self, ch: int, ch_mult: tuple, z_channels: int, num_res_blocks: int):
+    def __init__(self, ch: int, ch_mult: tuple, z_channels: int, num_res_blocks: int, groups: int):
         super().__init__()
         widths = [ch * m for m in ch_mult]
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         for i, c in enumerate(widths):
             last = i == len(widths) - 1
-            block = level(widths[i - 1] if i else ch, c, num_res_blocks, attn=last)
+            block = level(widths[i - 1] if i else ch, c, num_res_blocks, last, groups)
             if not last:
                 block.downsample = Downsample(c)
             self.conv_blocks.append(block)
         c = widths[-1]
-        self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
-        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, z_channels, 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)])
+        self.norm_out, self.conv_out = group_norm(c, groups), nn.Conv2d(c, z_channels, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)
@@ -159,18 +162,19 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """(B, z_channels, h, w) -> (B, 3, H, W); conv_blocks[0] is the lowest resolution."""
 
-    def __init__(self, ch: int, ch_mult: tuple, z_channels: int, num_res_blocks: int):
+    def __init__(self, ch: int, ch_mult: tuple, z_channels: int, num_res_blocks: int, groups: int):
         super().__init__()
         widths = [ch * m for m in reversed(ch_mult)]
-        self.conv_in = nn.Conv2d(z_channels, widths[0], 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(widths[0], widths[0]), AttnBlock(widths[0]), ResnetBlock(widths[0], widths[0])])
+        c = widths[0]
+        self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)])
         self.conv_blocks = nn.ModuleList()
         for k, c in enumerate(widths):
-            block = level(widths[k - 1] if k else widths[0], c, num_res_blocks + 1, attn=k == 0)
+            block = level(widths[k - 1] if k else widths[0], c, num_res_blocks + 1, k == 0, groups)
             if k != len(widths) - 1:
                 block.upsample = Upsample(c)
             self.conv_blocks.append(block)
-        self.norm_out, self.conv_out = group_norm(widths[-1]), nn.Conv2d(widths[-1], 3, 3, padding=1)
+        self.norm_out, self.conv_out = group_norm(widths[-1], groups), nn.Conv2d(widths[-1], 3, 3, padding=1)
 
     def forward(self, z):
         x = self.conv_in(z)
@@ -236,8 +240,8 @@ class VQModel(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = ConvEncoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks)
-        self.decoder = ConvDecoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks)
+        self.encoder = ConvEncoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks, cfg.norm_groups)
+        self.decoder = ConvDecoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks, cfg.norm_groups)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
         self.quantize = nn.Module()
@@ -309,8 +313,8 @@ class MultiScaleVQVAE(nn.Module):
     def __init__(self, cfg: MSVQConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = ConvEncoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks)
-        self.decoder = ConvDecoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks)
+        self.encoder = ConvEncoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks, cfg.norm_groups)
+        self.decoder = ConvDecoder(cfg.ch, cfg.ch_mult, cfg.z_channels, cfg.num_res_blocks, cfg.norm_groups)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
         self.quantize = nn.Module()
@@ -464,30 +468,37 @@ def _build(cls, cfg, sd: dict, source, what: str):
     return model.eval().requires_grad_(False)
 
 
+def norm_groups(path) -> int:
+    """GroupNorm groups are not in the shapes: 32 for official files, recorded in the metadata of ours."""
+    own = str(path).endswith(".safetensors") and Path(path).is_file()
+    return read_meta(path).get("config", {}).get("norm_groups", 32) if own else 32
+
+
 def load_vq(path) -> VQModel:
     """LlamaGen VQ from `vq_ds16_c2i.pt` / `vq_ds16_t2i.pt` style files; the architecture comes from the shapes."""
-    return vq_from_state_dict(read_checkpoint(path)[0], source=path)
+    return vq_from_state_dict(read_checkpoint(path)[0], source=path, norm_groups=norm_groups(path))
 
 
-def vq_from_state_dict(sd: dict, source="state dict") -> VQModel:
+def vq_from_state_dict(sd: dict, source="state dict", norm_groups=32) -> VQModel:
     if any(k.startswith("encoder.down.") for k in sd):
         raise CheckpointError(f"{source}: a VAR multi-scale VQVAE, not a LlamaGen VQ (read it with load_msvq)")
     sd = {k: v for k, v in sd.items() if k not in UNUSED_BUFFERS}
     kw, dim = _infer_conv_config(sd, source)
-    return _build(VQModel, VQConfig(**kw, codebook_dim=dim), sd, source, "LlamaGen VQ")
+    return _build(VQModel, VQConfig(**kw, codebook_dim=dim, norm_groups=norm_groups), sd, source, "LlamaGen VQ")
 
 
 def load_msvq(path, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) -> MultiScaleVQVAE:
     """VAR's multi-scale VQVAE from `vae_ch160v4096z32.pth` style files (plain state dicts)."""
-    return msvq_from_state_dict(read_checkpoint(path)[0], patch_nums, source=path)
+    return msvq_from_state_dict(read_checkpoint(path)[0], patch_nums, source=path, norm_groups=norm_groups(path))
 
 
-def msvq_from_state_dict(sd: dict, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), source="state dict") -> MultiScaleVQVAE:
+def msvq_from_state_dict(sd: dict, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), source="state dict",
+                         norm_groups=32) -> MultiScaleVQVAE:
     sd = _rename_var({k: v for k, v in sd.items() if k not in UNUSED_BUFFERS})
     kw, dim = _infer_conv_config(sd, source)
     if dim != kw["z_channels"]:
         raise CheckpointError(f"{source}: codebook width {dim} differs from the latent width {kw['z_channels']}: "
                               "not a VAR VQVAE (a LlamaGen VQ? read it with load_vq)")
     num_phi = sum(1 for k in sd if re.match(r"quantize\.quant_resi\.qresi_ls\.\d+\.weight$", k))
-    cfg = MSVQConfig(**kw, patch_nums=tuple(patch_nums), num_phi=num_phi or 4)
+    cfg = MSVQConfig(**kw, patch_nums=tuple(patch_nums), num_phi=num_phi or 4, norm_groups=norm_groups)
     return _build(MultiScaleVQVAE, cfg, sd, source, "VAR VQVAE")

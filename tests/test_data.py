@@ -9,8 +9,8 @@ import torch
 from conftest import FIXTURES
 from PIL import Image
 
-from data import (BACKGROUNDS, COLORS, EDITS, HELD_OUT, SHAPES, ControlDataset, DataError, EditDataset, ToyControl,
-                  ToyEdits, canny, control_map, edit_mask, load_image, render, to_tensor, toy_edit)
+from data import (BACKGROUNDS, COLORS, EDITS, HELD_OUT, PLACES, SHAPES, ControlDataset, DataError, EditDataset, ToyControl,
+                  ToyEdits, canny, control_map, edit_mask, load_image, render, shape_mask, to_tensor, toy_edit)
 
 EDIT_FOLDER, CONTROL_FOLDER = FIXTURES / "edit_folder", FIXTURES / "control_folder"
 
@@ -35,7 +35,7 @@ def test_every_edit_kind_and_the_vocabulary_occur():
     assert shapes == set(SHAPES) and colors == set(COLORS) and len(COLORS) >= 6
     assert {e.before.background for e in edits} == set(BACKGROUNDS)
     assert {len(e.before.shapes) for e in edits} == {1, 2, 3}
-    assert {e.before.style for e in edits} == {"plain", "gradient-h", "gradient-v"}
+    assert {s.place for e in edits for s in e.before.shapes} == set(PLACES)
     assert len({e.text for e in edits if e.kind == "remove"}) > 10  # several phrasings
 
 
@@ -44,6 +44,19 @@ def test_held_out_combinations_never_occur_in_training():
     held = [toy_edit(i, "heldout").triple for i in range(300)]
     assert not train & HELD_OUT
     assert set(held) == HELD_OUT  # and the held-out split covers every one of them
+
+
+def test_shapes_never_overlap_and_fill_two_by_two_tokens():
+    for i in range(200):
+        scene = toy_edit(i).after
+        masks = [shape_mask(s, 64) for s in scene.shapes]
+        assert sum(m.astype(int) for m in masks).max() <= 1
+        img = render(scene, 64)
+        for s, m in zip(scene.shapes, masks):
+            assert (img[m] == COLORS[s.color]).all()
+            x, y = (round(64 * c) for c in PLACES[s.place])  # a corner of the 8-pixel token grid
+            assert x % 8 == y % 8 == 0 and m[y - 8:y + 8, x - 8:x + 8].sum() == m.sum()
+            assert all(m[y + dy:y + dy + 8, x + dx:x + dx + 8].any() for dy in (-8, 0) for dx in (-8, 0))
 
 
 def test_same_seed_same_data_other_seed_other_data():

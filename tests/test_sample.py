@@ -21,6 +21,9 @@ def ckpts(tmp_path_factory):
                     "--dino", str(folder / "dino.safetensors"), "--vq", str(folder / f"{vq_file}.safetensors"),
                     "--out", str(folder / arch)])
         out[arch] = folder / arch / "edit.safetensors"
+    train.main(["--task", "control", "--toy", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                "--dino", str(folder / "dino.safetensors"), "--vq", str(folder / "vq.safetensors"), "--out", str(folder / "control")])
+    out["control"] = folder / "control" / "control.safetensors"
     return out
 
 
@@ -52,6 +55,25 @@ def test_default_output_name_and_grid(ckpts, drawing):
     sample.main(["--image", str(drawing), "--prompt", "remove the circle", "--ckpt", str(ckpts["next-token"]), "--n", "4"])
     grid = drawing.with_name("disc_edited.png")
     assert Image.open(grid).size == (180, 100)  # 2 x 2 samples
+
+
+@pytest.mark.parametrize("control", ["map", "canny"])
+def test_controllable_generation(ckpts, drawing, tmp_path, control):
+    out = tmp_path / "gen.png"
+    sample.main(["--image", str(drawing), "--control", control, "--prompt", "a red circle on a white background",
+                 "--ckpt", str(ckpts["control"]), "--out", str(out)])
+    assert Image.open(out).size == (90, 50)
+
+
+@pytest.mark.parametrize("ckpt, extra, message", [
+    ("control", [], "trained for 'control': pass --control"),
+    ("next-token", ["--control", "canny"], "trained for 'edit': drop --control"),
+])
+def test_control_flag_must_match_the_model(ckpts, drawing, tmp_path, capsys, ckpt, extra, message):
+    with pytest.raises(SystemExit):
+        sample.main(["--image", str(drawing), "--prompt", "a red circle", "--ckpt", str(ckpts[ckpt]),
+                     "--out", str(tmp_path / "o.png"), *extra])
+    assert message in capsys.readouterr().err and not (tmp_path / "o.png").exists()
 
 
 def test_kv_cache_gives_the_same_tokens_on_a_saved_model(ckpts):

@@ -57,9 +57,9 @@ import sys, torch
 sys.path.insert(0, {root!r})
 import train
 write = train.export
-def export(path, model, task, run):  # every rank dumps its parameters after the last step
+def export(path, model, task, run, dtype):  # every rank dumps its parameters after the last step
     torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, path.parent / f"rank{{run.rank}}.pt")
-    write(path, model, task, run)
+    write(path, model, task, run, dtype)
 train.export = export
 train.main(sys.argv[1:])
 """
@@ -156,3 +156,14 @@ def test_init_from_an_official_backbone_on_labelled_control_data(tmp_path, capsy
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
     assert read_meta(tmp_path / "run" / "control.safetensors")["backbone"]["cond"] == "class"
+
+
+def test_fp16_export_loads_as_float32(frozen, tmp_path):
+    train.main(args(frozen, tmp_path, "--export-dtype", "fp16", steps=1))
+    exported = read_checkpoint(tmp_path / "edit.safetensors")[0]
+    assert {v.dtype for v in exported.values() if v.is_floating_point()} == {torch.float16}
+    model, _ = model_module.load_scar(tmp_path / "edit.safetensors")
+    trained = weights(tmp_path)  # the training checkpoint keeps float32
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, trained[f"model.{k}"], atol=1e-3, rtol=1e-3)

@@ -1,12 +1,13 @@
 """Tokenizers: parity with the official LlamaGen VQ and VAR VQVAE, full-size layouts, training, errors."""
 import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 from conftest import FIXTURES
 from safetensors.torch import load_file
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, save_checkpoint
 from vq import (MSVQ_SIZES, VQ_SIZES, MSVQConfig, MultiScaleVQVAE, VQConfig, VQModel, load_msvq, load_vq,
                 msvq_from_state_dict, vq_from_state_dict)
 
@@ -137,6 +138,14 @@ def test_straight_through_gradient_reaches_the_encoder():
     out = model(scenes(2, 16, torch.Generator().manual_seed(0)))
     out["rec"].backward()
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_toy_export_records_its_norm_groups(tmp_path):
+    model = VQModel(replace(VQ_SIZES["toy"], ch=32, ch_mult=(1, 1), codebook_size=64)).eval()
+    save_checkpoint(tmp_path / "vq.safetensors", model.state_dict(), {"kind": "vq", "config": asdict(model.cfg)})
+    loaded = load_vq(tmp_path / "vq.safetensors")
+    x = scenes(2, 16, torch.Generator().manual_seed(0))
+    assert loaded.cfg.norm_groups == 0 and torch.equal(loaded.decode(loaded.encode(x)), model.decode(model.encode(x)))
 
 
 def test_named_sizes_build():
