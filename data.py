@@ -202,8 +202,8 @@ def write_text_features(folder, t5_folder, batch: int = 16) -> int:
     each file written atomically; returns the number written."""
     from encoder import load_t5  # only this command needs the text encoder
     folder = Path(folder)
-    t5 = load_t5(t5_folder).to("cuda" if torch.cuda.is_available() else "cpu")
     records = [(n, r.get("instruction", r.get("caption"))) for n, r in read_manifest(folder, ())]
+    t5 = load_t5(t5_folder).to("cuda" if torch.cuda.is_available() else "cpu")
     records = [(n, str(text)) for n, text in records if text is not None]
     out = folder / T5_DIR
     out.mkdir(exist_ok=True)
