@@ -355,6 +355,9 @@ def dinov2_from_state_dict(sd, hf_config=None, num_heads=None, source="state dic
 
 # ---------------------------------------------------------------- T5: the caption encoder of LlamaGen's t2i models
 
+T5_EOS = 1  # every Flan-T5 tokenizer: pad 0, </s> 1, <unk> 2, no BOS
+
+
 @dataclass
 class T5Config:
     vocab_size: int = 32128
@@ -498,9 +501,6 @@ class T5Encoder(nn.Module):
         embs = torch.stack([h.roll(-L, 0) for h, L in zip(hidden, lengths)])  # rotate: valid rows to the end
         flipped = mask.flip(1).to(device)
         return embs * flipped[..., None], flipped
-
-
-T5_EOS = 1  # every Flan-T5 tokenizer: pad 0, </s> 1, <unk> 2, no BOS
 
 
 def load_t5(folder) -> T5Encoder:
