@@ -191,10 +191,6 @@ def code_distances(z, codebook):  # (N, C), (V, C) -> squared L2 distances (N, V
     return z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
 
 
-def nearest_code(z, codebook):  # (N, C), (V, C) -> (N,) index of the closest row (first on ties)
-    return code_distances(z, codebook).argmin(1)
-
-
 def entropy_loss(d, temperature: float = 0.01):
     """LlamaGen's codebook entropy loss on distances d (N, V): each vector's soft assignment
     softmax(-d / T) should be confident (low entropy) while the batch as a whole spreads over the
@@ -254,11 +250,13 @@ class VQModel(nn.Module):
     def codebook(self):  # (V, C), l2-normalised on every use: the stored rows are not unit length
         return F.normalize(self.quantize.embedding.weight, dim=-1)
 
-    def quantize_latent(self, z):  # (B, C, h, w) continuous -> codes (B, h, w), unit-length z (B, C, h, w)
+    def quantize_latent(self, z):
+        """(B, C, h, w) continuous -> codes (B, h, w) (the closest code, first on ties), unit-length z
+        (B, C, h, w), and the distances (B h w, V) that picked them (the entropy loss reuses them)."""
         z = F.normalize(z, dim=1)
         B, C, h, w = z.shape
-        codes = nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C), self.codebook()).view(B, h, w)
-        return codes, z
+        d = code_distances(z.permute(0, 2, 3, 1).reshape(-1, C), self.codebook())
+        return d.argmin(1).view(B, h, w), z, d
 
     def embed(self, codes):  # (B, h, w) -> z_q (B, C, h, w)
         return self.codebook()[codes].permute(0, 3, 1, 2)
@@ -281,13 +279,12 @@ class VQModel(nn.Module):
         codebook = |sg(z) - z_q|^2 moves the codes, commit = beta |z - sg(z_q)|^2 holds the encoder
         near them, rec = |img - recon|^2, and with entropy_weight the entropy loss; "loss" is their sum.
         """
-        codes, z = self.quantize_latent(self.quant_conv(self.encoder(img)))
+        codes, z, d = self.quantize_latent(self.quant_conv(self.encoder(img)))
         z_q = self.embed(codes)
         recon = self.decoder(self.post_quant_conv(z + (z_q - z).detach()))
         losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(z_q, z.detach()),
                   "commit": self.cfg.beta * F.mse_loss(z, z_q.detach())}
         if self.cfg.entropy_weight:
-            d = code_distances(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), self.codebook())
             losses["entropy"] = self.cfg.entropy_weight * entropy_loss(d)
         return {"recon": recon, "codes": codes, "loss": sum(losses.values()), **losses,
                 **codebook_usage(codes, self.cfg.codebook_size)}
