@@ -38,6 +38,7 @@ from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_v
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices
 TOY_DINO = DINOv2Config(dim=128, depth=4, heads=2, ffn_hidden=512, patch_size=8, pos_grid=8)
 TEXT_LEN = {"edit": 56, "control": 80}  # byte slots of the toy's instructions and captions
+SEED_IMAGES = 4096  # --vq-warmup: images whose patches seed the codebook (the toy: all 868 distinct patches)
 
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,12 +95,16 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="log interval in steps")
     p.add_argument("--export-dtype", choices=list(EXPORT_DTYPES), default="fp32",
                    help="dtype of the weights in OUT/<task>.safetensors (fp16 halves the shipped toy models)")
+    p.add_argument("--vq-warmup", type=int, default=0, help="--task vq --arch next-token: train as a plain autoencoder "
+                   "for this many steps, then seed the codebook with one code per distinct image patch (the toy recipe; README)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.task in ("edit", "control") and not (args.dino and args.vq):
         p.error(f"--task {args.task} needs --dino and --vq")
     if args.task in ("vq", "encoder") and not args.toy and args.data is None:
         p.error("--data or --toy is required")
+    if args.vq_warmup and (args.task != "vq" or args.arch != "next-token"):
+        p.error("--vq-warmup is for --task vq --arch next-token")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
         p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
     return args
@@ -245,7 +250,7 @@ class SCARTask:
             return F_s, F_t, torch.cat([c.flatten(1) for c in codes], 1), self.vq.teacher_forcing_input(codes)
         return F_s, F_t, codes.flatten(1), None
 
-    def losses(self, model, batch):
+    def losses(self, model, batch, step):
         F_s, F_t, codes, inputs = self.frozen(batch)
         text, mask = self.text(batch)
         return model(F_s, F_t, text, codes, mask, inputs)
@@ -267,10 +272,15 @@ class VQTask:
             self.meta = {"kind": "vq", "config": asdict(self.model.cfg)}
         self.device, self.tokens = device, 0
 
-    def losses(self, model, batch):
+    def losses(self, model, batch, step):
         images = torch.cat([batch["source"], batch["target"]]).to(self.device)
-        out = model(images)
+        out = model(images, quantize=step >= self.args.vq_warmup) if self.args.vq_warmup else model(images)
         return {k: v for k, v in out.items() if k not in ("recon", "codes")}
+
+    def seed_codebook(self, data):
+        """At the end of the --vq-warmup: codes from the latents of the first SEED_IMAGES images of the data."""
+        items = [data[i] for i in range(min(len(data), SEED_IMAGES // 2))]
+        self.model.seed_codebook(torch.cat([collate(items)[k] for k in ("source", "target")]))
 
     def export(self, model):
         return dict(model.state_dict()), self.meta
@@ -303,7 +313,7 @@ class EncoderTask:
         self.model = MaskedPatchPretraining(TOY_DINO).to(device)
         self.meta = {"kind": "dinov2", "config": asdict(TOY_DINO)}
 
-    def losses(self, model, batch):
+    def losses(self, model, batch, step):
         return model(batch["source"].to(self.device))
 
     def export(self, model):  # the bare DINOv2 in the torch-hub layout: load_dinov2 reads it
@@ -433,6 +443,8 @@ def train(args, run: Dist):
     model.train()  # the frozen DINOv2 and tokenizer stay in eval mode
     it = iter(batches(data, run, args, epoch, pos))
     while step < args.steps:
+        if args.vq_warmup and step == args.vq_warmup:
+            task.seed_codebook(data)
         t0 = time.perf_counter()
         totals, tokens = {}, 0
         for i in range(accum):
@@ -444,7 +456,7 @@ def train(args, run: Dist):
             pos += micro
             sync = ddp.no_sync() if run.world > 1 and i < accum - 1 else contextlib.nullcontext()
             with sync, torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = task.losses(fwd, batch)
+                losses = task.losses(fwd, batch, step)
             check_finite(losses, step + 1, run)
             (losses["loss"] / accum).backward()
             for k, v in losses.items():

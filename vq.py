@@ -8,7 +8,8 @@ Two tokenizers share one convolutional encoder/decoder (the taming / LDM design)
 
 Module names follow LlamaGen, so its checkpoints load as they are; VAR checkpoints are renamed on
 load. Both come with what a small tokenizer needs to train: straight-through estimator, codebook
-and commitment losses, reconstruction loss and codebook usage.
+and commitment losses, reconstruction loss and codebook usage; the single-scale one also a
+codebook seeded from the latents of a warmed-up autoencoder (`seed_codebook`).
 """
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class VQConfig:
     codebook_dim: int = 8
     num_res_blocks: int = 2  # the decoder uses one more per level, as LlamaGen and VAR do
     norm_groups: int = 32  # GroupNorm groups, 32 in LlamaGen and VAR; 0 = no normalisation (the toy)
+    local_encoder: bool = False  # encode each token's patch on its own (the toy; see VQModel.latent)
     beta: float = 0.25  # commitment weight
     entropy_weight: float = 0.0  # codebook entropy loss (LlamaGen's entropy_loss_ratio): fights code collapse
 
@@ -39,7 +41,7 @@ VQ_SIZES = {
     "VQ-16": VQConfig(),
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
     "toy": VQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024, codebook_dim=8, num_res_blocks=1,
-                    norm_groups=0, entropy_weight=0.1),
+                    norm_groups=0, local_encoder=True),  # trained with train.py --vq-warmup, no entropy loss
 }
 
 
@@ -250,6 +252,19 @@ class VQModel(nn.Module):
     def codebook(self):  # (V, C), l2-normalised on every use: the stored rows are not unit length
         return F.normalize(self.quantize.embedding.weight, dim=-1)
 
+    def latent(self, img):  # (B, 3, H, W) -> continuous z (B, C, H/d, W/d), before the unit length
+        """With local_encoder each token's patch goes through the encoder alone (a batch of d x d images
+        for downsampling d), so a token's code depends on its own pixels only. The official encoder sees
+        the whole image (its attention is global): the code of an unchanged background patch then
+        changes with an edit elsewhere, and an editor has to predict that change."""
+        if not self.cfg.local_encoder:
+            return self.quant_conv(self.encoder(img))
+        B, _, H, W = img.shape
+        d = self.downsample
+        patches = img.unfold(2, d, d).unfold(3, d, d).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, d, d)  # (B h w, 3, d, d)
+        z = self.quant_conv(self.encoder(patches))  # (B h w, C, 1, 1)
+        return z.view(B, H // d, W // d, -1).permute(0, 3, 1, 2)
+
     def quantize_latent(self, z):
         """(B, C, h, w) continuous -> codes (B, h, w) (the closest code, first on ties), unit-length z
         (B, C, h, w), and the distances (B h w, V) that picked them (the entropy loss reuses them)."""
@@ -264,7 +279,7 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def encode(self, img):  # (B, 3, H, W) in [-1, 1] -> codes (B, H/16, W/16) int64
         check_images(img, self.downsample)
-        return self.quantize_latent(self.quant_conv(self.encoder(img)))[0]
+        return self.quantize_latent(self.latent(img))[0]
 
     @torch.no_grad()
     def decode(self, codes):  # (B, h, w) -> raw decoder output (B, 3, H, W), not clamped (as LlamaGen)
@@ -273,21 +288,60 @@ class VQModel(nn.Module):
             raise ValueError(f"codes must be (B, h, w), got {tuple(codes.shape)}")
         return self.decoder(self.post_quant_conv(self.embed(codes)))
 
-    def forward(self, img) -> dict[str, torch.Tensor]:
+    def forward(self, img, quantize: bool = True) -> dict[str, torch.Tensor]:
         """Training step: reconstruction through the straight-through estimator, and the losses.
 
         codebook = |sg(z) - z_q|^2 moves the codes, commit = beta |z - sg(z_q)|^2 holds the encoder
         near them, rec = |img - recon|^2, and with entropy_weight the entropy loss; "loss" is their sum.
+        quantize=False is the toy's warm-up (see `seed_codebook`): the decoder reads the continuous z and
+        nothing pulls the encoder towards the codes; the codebook loss still runs, so every parameter
+        gets a gradient in both phases (DDP requires it).
         """
-        codes, z, d = self.quantize_latent(self.quant_conv(self.encoder(img)))
+        codes, z, d = self.quantize_latent(self.latent(img))
         z_q = self.embed(codes)
-        recon = self.decoder(self.post_quant_conv(z + (z_q - z).detach()))
-        losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(z_q, z.detach()),
-                  "commit": self.cfg.beta * F.mse_loss(z, z_q.detach())}
+        recon = self.decoder(self.post_quant_conv(z + (z_q - z).detach() if quantize else z))
+        losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(z_q, z.detach())}
+        if quantize:
+            losses["commit"] = self.cfg.beta * F.mse_loss(z, z_q.detach())
         if self.cfg.entropy_weight:
             losses["entropy"] = self.cfg.entropy_weight * entropy_loss(d)
         return {"recon": recon, "codes": codes, "loss": sum(losses.values()), **losses,
                 **codebook_usage(codes, self.cfg.codebook_size)}
+
+    @torch.no_grad()
+    def seed_codebook(self, img):
+        """Set the codes from the latents of `img` (B, 3, H, W) in [-1, 1]: one code per distinct image patch.
+
+        The toy's recipe instead of LlamaGen's entropy loss: train as a plain autoencoder first, then seed
+        the codebook with the mean latent of each distinct patch of pixels, so that every distinct patch
+        gets a code, however rare (in the toy world 88 % of the tokens are flat background; the entropy
+        loss instead spread each background colour over hundreds of codes, which SCAR then had to guess
+        between). With more distinct patches than codes (natural images) farthest-point sampling picks
+        among them; with fewer, the spare rows repeat the first codes and are never picked (the
+        nearest-code search keeps the first of equal rows).
+        """
+        if len(img) == 0:
+            raise ValueError("seeding the codebook needs at least one image")
+        device, d = self.quantize.embedding.weight.device, self.downsample
+        z = torch.cat([F.normalize(self.latent(chunk.to(device)), dim=1) for chunk in img.split(32)])
+        z = z.permute(0, 2, 3, 1).flatten(0, 2)  # (N, C), one latent per token
+        pixels = ((img + 1) * 127.5).round().to(torch.uint8)
+        patches = pixels.unfold(2, d, d).unfold(3, d, d).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(0, 2)  # (N, 3 d d)
+        _, group = torch.unique(patches, dim=0, return_inverse=True)
+        group = group.to(device)
+        means = F.normalize(torch.zeros(int(group.max()) + 1, z.shape[1], device=device).index_add_(0, group, z), dim=1)
+        V = self.cfg.codebook_size
+        rows = means[farthest_points(means, V)] if len(means) > V else means[torch.arange(V, device=device) % len(means)]
+        self.quantize.embedding.weight.copy_(rows)
+
+
+def farthest_points(x, n: int):  # (N, C) -> (n,) indices
+    """Greedy farthest-point sampling: start at row 0, then always take the row farthest from all taken."""
+    picked, dist = [0], (x - x[0]).pow(2).sum(1)
+    for _ in range(n - 1):
+        picked.append(int(dist.argmax()))
+        dist = torch.minimum(dist, (x - x[picked[-1]]).pow(2).sum(1))
+    return torch.tensor(picked, device=x.device)
 
 
 class Phi(nn.Conv2d):
@@ -465,28 +519,31 @@ def _build(cls, cfg, sd: dict, source, what: str):
     return model.eval().requires_grad_(False)
 
 
-def norm_groups(path) -> int:
-    """GroupNorm groups are not in the shapes: 32 for official files, recorded in the metadata of ours."""
+def recorded(path, key: str, official):
+    """A config entry the shapes do not show (GroupNorm groups, the toy's local encoder): recorded in the
+    metadata of our exports; official files have the official value."""
     own = str(path).endswith(".safetensors") and Path(path).is_file()
-    return read_meta(path).get("config", {}).get("norm_groups", 32) if own else 32
+    return read_meta(path).get("config", {}).get(key, official) if own else official
 
 
 def load_vq(path) -> VQModel:
     """LlamaGen VQ from `vq_ds16_c2i.pt` / `vq_ds16_t2i.pt` style files; the architecture comes from the shapes."""
-    return vq_from_state_dict(read_checkpoint(path)[0], source=path, norm_groups=norm_groups(path))
+    return vq_from_state_dict(read_checkpoint(path)[0], source=path, norm_groups=recorded(path, "norm_groups", 32),
+                              local_encoder=recorded(path, "local_encoder", False))
 
 
-def vq_from_state_dict(sd: dict, source="state dict", norm_groups=32) -> VQModel:
+def vq_from_state_dict(sd: dict, source="state dict", norm_groups=32, local_encoder=False) -> VQModel:
     if any(k.startswith("encoder.down.") for k in sd):
         raise CheckpointError(f"{source}: a VAR multi-scale VQVAE, not a LlamaGen VQ (read it with load_msvq)")
     sd = {k: v for k, v in sd.items() if k not in UNUSED_BUFFERS}
     kw, dim = _infer_conv_config(sd, source)
-    return _build(VQModel, VQConfig(**kw, codebook_dim=dim, norm_groups=norm_groups), sd, source, "LlamaGen VQ")
+    cfg = VQConfig(**kw, codebook_dim=dim, norm_groups=norm_groups, local_encoder=local_encoder)
+    return _build(VQModel, cfg, sd, source, "LlamaGen VQ")
 
 
 def load_msvq(path, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) -> MultiScaleVQVAE:
     """VAR's multi-scale VQVAE from `vae_ch160v4096z32.pth` style files (plain state dicts)."""
-    return msvq_from_state_dict(read_checkpoint(path)[0], patch_nums, source=path, norm_groups=norm_groups(path))
+    return msvq_from_state_dict(read_checkpoint(path)[0], patch_nums, source=path, norm_groups=recorded(path, "norm_groups", 32))
 
 
 def msvq_from_state_dict(sd: dict, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), source="state dict",

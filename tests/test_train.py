@@ -137,6 +137,24 @@ def test_toy_stages_export_what_the_loaders_read(tmp_path):
     assert load_msvq(tmp_path / "msvq" / "vq.safetensors", patch_nums=patch_nums).cfg.patch_nums == tuple(patch_nums)
 
 
+def test_vq_warm_up_resumes_across_the_seeding(tmp_path, capsys, monkeypatch):
+    """--vq-warmup: the codebook is seeded at the warm-up's last step, also in a run resumed just before it."""
+    monkeypatch.setattr(train, "SEED_IMAGES", 64)
+    run = lambda out, steps, *extra: train.main(["--task", "vq", "--toy", "--steps", str(steps), "--batch-size", "2",
+                                                 "--vq-warmup", "2", "--out", str(tmp_path / out), "--log-every", "1",
+                                                 "--save-every", "2", *extra])
+    run("full", 3)
+    run("split", 2)
+    run("split", 3, "--resume")
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    logs = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert ["commit" in r for r in logs] == [False, False, True]
+    with pytest.raises(SystemExit):
+        train.main(["--task", "vq", "--arch", "next-scale", "--toy", "--vq-warmup", "2", "--out", str(tmp_path / "ms")])
+    assert "--vq-warmup is for --task vq --arch next-token" in capsys.readouterr().err
+
+
 def test_init_from_an_official_backbone_on_labelled_control_data(tmp_path, capsys):
     """--init with the official-format c2i GPT: class labels condition it, the new SCAR parts are reported."""
     import shutil

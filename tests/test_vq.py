@@ -8,8 +8,8 @@ from conftest import FIXTURES
 from safetensors.torch import load_file
 
 from checkpoint import CheckpointError, save_checkpoint
-from vq import (MSVQ_SIZES, VQ_SIZES, MSVQConfig, MultiScaleVQVAE, VQConfig, VQModel, load_msvq, load_vq,
-                msvq_from_state_dict, vq_from_state_dict)
+from vq import (MSVQ_SIZES, VQ_SIZES, MSVQConfig, MultiScaleVQVAE, VQConfig, VQModel, farthest_points, load_msvq,
+                load_vq, msvq_from_state_dict, vq_from_state_dict)
 
 LLAMAGEN, VAR = FIXTURES / "llamagen_vq", FIXTURES / "var_vqvae"
 LATENT_TOL, IMAGE_TOL = dict(atol=1e-5, rtol=0), dict(atol=1e-4, rtol=0)  # the fixture READMEs' tolerances
@@ -140,12 +140,75 @@ def test_straight_through_gradient_reaches_the_encoder():
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
 
 
-def test_toy_export_records_its_norm_groups(tmp_path):
+def test_farthest_points_reach_rare_vectors():
+    common = torch.tensor([1.0, 0, 0]) + 0.01 * torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
+    rare = torch.tensor([[0.0, 1, 0], [0, 0, 1], [0, -1, 0]])
+    x = torch.cat([common[:200], rare[:1], common[200:], rare[1:]])
+    picked = farthest_points(x, 4).tolist()
+    assert picked[0] == 0 and sorted(picked[1:]) == [200, 501, 502]
+
+
+def test_warm_up_then_seeded_codebook():
+    """quantize=False trains a plain autoencoder (decoder on the continuous z, no commitment); seeding
+    from images with more distinct patches than codes fills the codebook with distinct codes that
+    those images then use."""
+    torch.manual_seed(0)
+    model = VQModel(VQConfig(ch=32, ch_mult=(1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1))
+    img = scenes(8, 16, torch.Generator().manual_seed(0))
+    warm = model(img, quantize=False)
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(model.quant_conv(model.encoder(img)), dim=1)
+        assert torch.allclose(warm["recon"], model.decoder(model.post_quant_conv(z)))
+    assert "commit" not in warm and "commit" in model(img)
+    warm["loss"].backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0  # DDP needs a gradient for every parameter
+    model.seed_codebook(img)
+    assert torch.unique(model.codebook(), dim=0).shape[0] == 64
+    assert model.encode(img).unique().numel() >= 56
+
+
+def test_seeded_codebook_has_one_code_per_distinct_patch():
+    """Tokens with identical pixels share one code, the mean of their latents, whatever their context."""
+    torch.manual_seed(0)
+    model = VQModel(VQConfig(ch=32, ch_mult=(1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1))
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1]])
+    img = colours[:, :, None, None].expand(4, 3, 16, 16).clone()  # four flat images, 2 x 2 px patches
+    img[0, :, 4:8, 6:10] = colours[1][:, None, None]  # a green block on red, aligned to the patches
+    model.seed_codebook(img)
+    rows = model.codebook()
+    assert torch.unique(rows, dim=0).shape[0] == 4
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(model.quant_conv(model.encoder(img)), dim=1)  # (4, 8, 8, 8)
+    green = torch.cat([z[1].flatten(1), z[0, :, 2:4, 3:5].flatten(1)], 1).mean(1)
+    assert torch.cdist(torch.nn.functional.normalize(green, dim=0)[None], rows).min() < 1e-5
+    with pytest.raises(ValueError, match="at least one image"):
+        model.seed_codebook(img[:0])
+
+
+def test_toy_export_records_its_config(tmp_path):
     model = VQModel(replace(VQ_SIZES["toy"], ch=32, ch_mult=(1, 1), codebook_size=64)).eval()
     save_checkpoint(tmp_path / "vq.safetensors", model.state_dict(), {"kind": "vq", "config": asdict(model.cfg)})
     loaded = load_vq(tmp_path / "vq.safetensors")
     x = scenes(2, 16, torch.Generator().manual_seed(0))
-    assert loaded.cfg.norm_groups == 0 and torch.equal(loaded.decode(loaded.encode(x)), model.decode(model.encode(x)))
+    assert loaded.cfg.norm_groups == 0 and loaded.cfg.local_encoder
+    assert torch.equal(loaded.decode(loaded.encode(x)), model.decode(model.encode(x)))
+
+
+def test_local_encoder_codes_depend_on_their_own_patch_only():
+    torch.manual_seed(0)
+    cfg = VQConfig(ch=32, ch_mult=(1, 1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1,
+                   norm_groups=0)  # GroupNorm would normalise a flat patch's colour away
+    x = scenes(1, 16, torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[:, :, 4:8, 8:12] = 0.3  # one 4 x 4 patch: token (1, 2)
+    for local in (True, False):
+        model = VQModel(replace(cfg, local_encoder=local))
+        with torch.no_grad():
+            changed = (model.latent(x) - model.latent(y)).abs().amax(1)[0] > 1e-6  # (4, 4)
+        if local:
+            assert changed.nonzero().tolist() == [[1, 2]]
+        else:  # the official encoder's attention spreads one patch's change to every token
+            assert changed.all()
 
 
 def test_named_sizes_build():
