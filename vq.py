@@ -519,17 +519,18 @@ def _build(cls, cfg, sd: dict, source, what: str):
     return model.eval().requires_grad_(False)
 
 
-def recorded(path, key: str, official):
-    """A config entry the shapes do not show (GroupNorm groups, the toy's local encoder): recorded in the
-    metadata of our exports; official files have the official value."""
+def recorded_config(path) -> dict:
+    """The config our exports record in their metadata, for what the shapes do not show (GroupNorm groups,
+    the toy's local encoder); {} for official files, which have the official values."""
     own = str(path).endswith(".safetensors") and Path(path).is_file()
-    return read_meta(path).get("config", {}).get(key, official) if own else official
+    return read_meta(path).get("config", {}) if own else {}
 
 
 def load_vq(path) -> VQModel:
     """LlamaGen VQ from `vq_ds16_c2i.pt` / `vq_ds16_t2i.pt` style files; the architecture comes from the shapes."""
-    return vq_from_state_dict(read_checkpoint(path)[0], source=path, norm_groups=recorded(path, "norm_groups", 32),
-                              local_encoder=recorded(path, "local_encoder", False))
+    cfg = recorded_config(path)
+    return vq_from_state_dict(read_checkpoint(path)[0], source=path, norm_groups=cfg.get("norm_groups", 32),
+                              local_encoder=cfg.get("local_encoder", False))
 
 
 def vq_from_state_dict(sd: dict, source="state dict", norm_groups=32, local_encoder=False) -> VQModel:
@@ -543,7 +544,8 @@ def vq_from_state_dict(sd: dict, source="state dict", norm_groups=32, local_enco
 
 def load_msvq(path, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) -> MultiScaleVQVAE:
     """VAR's multi-scale VQVAE from `vae_ch160v4096z32.pth` style files (plain state dicts)."""
-    return msvq_from_state_dict(read_checkpoint(path)[0], patch_nums, source=path, norm_groups=recorded(path, "norm_groups", 32))
+    groups = recorded_config(path).get("norm_groups", 32)
+    return msvq_from_state_dict(read_checkpoint(path)[0], patch_nums, source=path, norm_groups=groups)
 
 
 def msvq_from_state_dict(sd: dict, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), source="state dict",
