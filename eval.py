@@ -8,6 +8,13 @@ source, and per image:
     background PSNR   outside the edit region, output vs source (what must not change)
     target PSNR       the whole output vs the ground-truth target
 PSNRs are computed per image on [0, 1] pixels (capped at 60 dB for identical images) and averaged.
+
+    python eval.py --bench toy --ckpt CKPT --teacher-forced
+
+(next-token) says where a model fails rather than how much: the share of target codes it predicts
+(argmax) given the true previous ones, on the tokens the edit leaves alone, by kind: background, a
+shape's first token (a shape token with background to its left and above, the first the raster order
+reaches: only the source can announce it), and the rest of a shape (which its first token implies).
 """
 import argparse
 import json
@@ -16,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
 from data import ToyEdits
 from model import load_scar
-from sample import DEFAULT_CKPT, SampleError, edit_batch, frozen_parts
+from sample import DEFAULT_CKPT, SampleError, edit_batch, frozen_parts, text_condition
 
 MAX_PSNR = 60.0
 
@@ -65,6 +73,41 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
             "images_per_s": round(n / seconds, 2), "edit_success_by_kind_pct": per_kind}
 
 
+def token_kinds(codes):
+    """Masks (B, h, w) bool of background, first-of-shape and rest-of-shape tokens of source codes (B, h, w);
+    the background is each image's most frequent code."""
+    shape = codes != codes.flatten(1).mode(1).values[:, None, None]
+    left, above = F.pad(shape, (1, 0))[:, :, :-1], F.pad(shape, (0, 0, 1, 0))[:, :-1]
+    first = shape & ~left & ~above
+    return {"background": ~shape, "shape, first token": first, "shape, rest": shape & ~first}
+
+
+@torch.no_grad()
+def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu") -> dict:
+    model, meta = load_scar(ckpt)
+    if meta["arch"] != "next-token":
+        raise SampleError(f"{ckpt}: --teacher-forced reads next-token models, this one is {meta['arch']}")
+    model = model.to(device)
+    dino, vq, t5 = frozen_parts(meta, ckpt, device)
+    data = ToyEdits(n, "heldout", size=meta["image_size"], seed=seed)
+    right, count = {}, {}
+    for first in tqdm(range(0, n, batch), desc="held-out edits"):
+        items = [data[i] for i in range(first, min(n, first + batch))]
+        source, target, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
+        F_s = dino.features(source, meta["dino"]["layers"], meta["dino"]["size"]).float()
+        text, text_mask = text_condition(model, [it["text"] for it in items], t5, device)
+        codes = vq.encode(target)  # (B, h, w)
+        logits = model.backbone.logits(model.prefix((F_s, text), text_mask), codes.flatten(1))
+        hit = logits.argmax(-1).view_as(codes) == codes
+        kept = F.max_pool2d(mask, vq.downsample)[:, 0] == 0  # tokens the edit does not touch
+        for kind, where in token_kinds(vq.encode(source)).items():
+            right[kind] = right.get(kind, 0) + (hit & where & kept).sum().item()
+            count[kind] = count.get(kind, 0) + (where & kept).sum().item()
+    return {"checkpoint": str(ckpt), "split": "heldout", "n": n, "seed": seed,
+            "teacher_forced_accuracy_pct": {k: round(100 * right[k] / max(1, count[k]), 1) for k in right},
+            "tokens": count}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=["toy"], required=True, help="toy: the toy world's held-out split")
@@ -74,14 +117,29 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = all codes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the sampling")
+    p.add_argument("--teacher-forced", action="store_true", help="next-token: teacher-forced code accuracy by token "
+                   "kind away from the edit, instead of sampling (see above)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        result = evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device)
+        result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device) if args.teacher_forced else \
+            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device)
     except (SampleError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.teacher_forced:
+        print(f"teacher-forced code accuracy away from the edit, {result['n']} held-out toy edits")
+        for kind, pct in result["teacher_forced_accuracy_pct"].items():
+            print(f"  {kind:<24}{pct:>8.1f} %   ({result['tokens'][kind]} tokens)")
+    else:
+        print_table(result)
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def print_table(result):
     rows = [("edit success", f"{result['edit_success_pct']:.1f} %"),
             ("background PSNR", f"{result['background_psnr_db']:.2f} dB"),
             ("PSNR vs target", f"{result['target_psnr_db']:.2f} dB"),
@@ -90,9 +148,6 @@ def main(argv=None):
     print(f"{result['arch']} on {result['n']} held-out toy edits (cfg {result['cfg']}, seed {result['seed']})")
     for name, value in rows:
         print(f"  {name:<24}{value:>12}")
-    print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,31 @@ def test_eval_reports_every_metric(ckpts, tmp_path, capsys):
     assert "edit success" in capsys.readouterr().out
 
 
+def test_token_kinds_find_the_first_token_of_each_shape():
+    codes = torch.zeros(1, 4, 6, dtype=torch.long)  # background 0; a 2 x 2 shape at (1, 1), one touching it at (1, 3)
+    codes[0, 1:3, 1:3] = torch.tensor([[5, 6], [7, 8]])
+    codes[0, 1:3, 3:5] = torch.tensor([[9, 10], [11, 12]])
+    kinds = evaluation.token_kinds(codes)
+    first = torch.zeros(1, 4, 6, dtype=torch.bool)
+    first[0, 1, 1] = True  # the second shape's corner has shape to its left: the raster order reached it already
+    assert torch.equal(kinds["shape, first token"], first)
+    assert torch.equal(kinds["background"], codes == 0)
+    assert kinds["shape, rest"].sum() == 7
+
+
+def test_teacher_forced_accuracy_counts_the_tokens_away_from_the_edit(ckpts, tmp_path, capsys):
+    evaluation.main(["--bench", "toy", "--ckpt", str(ckpts["next-token"]), "--n", "4", "--batch", "2",
+                     "--teacher-forced", "--json", str(tmp_path / "tf.json")])
+    result = json.loads((tmp_path / "tf.json").read_text())
+    assert set(result["teacher_forced_accuracy_pct"]) == {"background", "shape, first token", "shape, rest"}
+    assert all(0 <= v <= 100 for v in result["teacher_forced_accuracy_pct"].values())
+    assert 0 < sum(result["tokens"].values()) < 4 * 64  # 4 edits of 8 x 8 codes, less the edited tokens
+    assert "shape, first token" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluation.main(["--bench", "toy", "--ckpt", str(ckpts["next-scale"]), "--n", "2", "--teacher-forced"])
+    assert "--teacher-forced reads next-token models" in capsys.readouterr().err
+
+
 def test_psnr_and_success_metrics():
     a = torch.zeros(1, 3, 4, 4)
     region = torch.ones(1, 1, 4, 4)
