@@ -74,19 +74,10 @@ def rope_table(rows, cols, head_dim: int, base: float = 10000.0):
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def grid_rope(h: int, w: int, head_dim: int, base: float):
-    """Rotary table of the target grid (h x w, row-major): cell (i, j) at (i, j)."""
+def grid_rope(h: int, w: int, head_dim: int, base: float, offset: int = 0):
+    """Rotary table of an h x w grid, row-major, its top-left cell at (offset, offset)."""
     r = torch.arange(h * w)
-    return rope_table(r // w, r % w, head_dim, base)
-
-
-def prefix_rope(h: int, w: int, stride: int, head_dim: int, base: float):
-    """Rotary table of an h x w prefix grid whose cell (i, j) summarises the stride x stride target cells
-    from (stride i, stride j): it sits at their centre, moved half a cell on when stride is odd, so it
-    is never on a target cell (for stride 2: rows and columns 0.5, 2.5, 4.5, ...)."""
-    r = torch.arange(h * w)
-    at = lambda i: stride * i + (stride + 1) // 2 - 0.5
-    return rope_table(at(r // w), at(r % w), head_dim, base)
+    return rope_table(r // w + offset, r % w + offset, head_dim, base)
 
 
 def apply_rope(x, rope):  # x (B, S, H, d), rope (S, d/2, 2) -> rotated x; zero rows give zero
@@ -310,19 +301,12 @@ class NextTokenTransformer(nn.Module):
         h, valid = self.text_prefix(cond, cond_mask, drop_text)
         return Prefix(h, valid, 0, True, rope=h.new_zeros(h.shape[1], self.head_dim // 2, 2, dtype=torch.float32))
 
-    def image_text_prefix(self, P_s, grid, stride, text, cond_mask, drop_text, causal) -> Prefix:
-        """[P_s ; T_t] for SCAR: P_s (B, h*w, D) on its own h x w rotary grid laid over the target grid,
-        each cell at the centre of the stride x stride target cells it summarises (prefix_rope); T_t
-        with zero rows.
-
-        Why over the target grid and not beside it (DESIGN.md point 7 and the EditAR / SCAR release put
-        the prefix grid before the target grid): RoPE gives a query only relative positions. With the
-        prefix grid beside the targets and spaced differently, the offset from a target cell to the
-        prefix cell over it changes from cell to cell, so no attention head can express "the source at
-        my place"; over the targets it is the local attention a token also uses for its neighbours."""
+    def image_text_prefix(self, P_s, grid, text, cond_mask, drop_text, causal) -> Prefix:
+        """[P_s ; T_t] for SCAR: P_s (B, h*w, D) on its own h x w rotary grid at rows and columns
+        -max(h, w) .. (before the target grid, which starts at 0, so no cell coincides), T_t with zero rows."""
         (h, w), B = grid, P_s.shape[0]
         T_t, text_valid = self.text_prefix(text, cond_mask, drop_text)
-        rope = torch.cat([prefix_rope(h, w, stride, self.head_dim, self.cfg.rope_base),
+        rope = torch.cat([grid_rope(h, w, self.head_dim, self.cfg.rope_base, offset=-max(h, w)),
                           torch.zeros(T_t.shape[1], self.head_dim // 2, 2)]).to(P_s.device)
         valid = torch.cat([text_valid.new_ones(B, h * w), text_valid], 1)
         return Prefix(torch.cat([P_s, T_t.to(P_s.dtype)], 1), valid, h * w, causal, rope=rope)
@@ -581,8 +565,8 @@ class NextScaleTransformer(nn.Module):
         T_t, valid, c = self.text_prefix(cond, cond_mask, drop_text)
         return Prefix(T_t, valid, 0, True, cond=c)
 
-    def image_text_prefix(self, P_s, grid, stride, text, cond_mask, drop_text, causal) -> Prefix:
-        """[P_s ; T_t] for SCAR; P_s already carries its learned positions (grid and stride are unused)."""
+    def image_text_prefix(self, P_s, grid, text, cond_mask, drop_text, causal) -> Prefix:
+        """[P_s ; T_t] for SCAR; P_s already carries its learned positions."""
         T_t, text_valid, c = self.text_prefix(text, cond_mask, drop_text)
         valid = torch.cat([text_valid.new_ones(P_s.shape[:2]), text_valid], 1)
         return Prefix(torch.cat([P_s, T_t.to(P_s.dtype)], 1), valid, P_s.shape[1], causal, cond=c)
@@ -686,7 +670,7 @@ def var_from_state_dict(sd, source="state dict", **overrides) -> NextScaleTransf
 @dataclass
 class SCARConfig:
     feature_dim: int = 768  # C of the DINOv2 features F_s (768 for ViT-B)
-    feature_grid: int = 32  # side of F_s (and of the next-token target grid); a position is learned per prefix cell
+    feature_grid: int = 32  # side of F_s; the next-scale backbone learns a position per prefix cell
     k: int = 2  # compression per side: k^2 x fewer prefix tokens (paper: 4x)
     compressor: str = "conv+resize"
     delta: float = 0.5  # weight of L_align
@@ -695,7 +679,6 @@ class SCARConfig:
     drop_text: float = 0.05  # CFG dropouts (EditAR): text only, image prefix only, both
     drop_image: float = 0.05
     drop_both: float = 0.05
-    token_noise: float = 0.0  # next-token: share of input codes replaced by random ones in training (toy only)
 
 
 class SCAR(nn.Module):
@@ -708,12 +691,10 @@ class SCAR(nn.Module):
         L_CE on the targets,  L_pres = |F_s - U_k(F_c)|^2,  L_align = |H_s - P_t|^2, H_s = H at P_s
         loss = L_CE + L_pres + delta * L_align
 
-    P_s tokens carry a learned position per cell (`prefix_pos`) on either backbone. Next-token: they
-    also carry 2D rotary positions, each cell over the k x k target cells it summarises (which assumes,
-    as in the paper and the toy, that F_s and Z_t have the same grid; image_text_prefix), and H is the
-    final-RMSNormed output. Next-scale: the AdaLN is conditioned by the class embedding or the pooled
-    text embedding, and H is the output of the AdaLN before the head; P_s and T_t come before the sos
-    token of the first scale.
+    Next-token: P_s tokens carry 2D rotary positions on their own grid (image_text_prefix), H is the
+    final-RMSNormed output. Next-scale: P_s tokens carry learned positions (`prefix_pos`), the
+    AdaLN is conditioned by the class embedding or the pooled text embedding, and H is the output
+    of the AdaLN before the head; P_s and T_t come before the sos token of the first scale.
     `cond` for `prefix` and generation is the pair (F_s, text).
     """
 
@@ -724,7 +705,8 @@ class SCAR(nn.Module):
         self.compressor = SemanticCompressor(cfg.feature_dim, cfg.k, cfg.compressor)
         self.proj = nn.Linear(cfg.feature_dim, D, bias=False)
         self.null_prefix = nn.Parameter(torch.randn(D) * 0.02)  # replaces P_s when the image is dropped
-        self.prefix_pos = nn.Parameter(torch.randn((cfg.feature_grid // cfg.k) ** 2, D) * 0.02)
+        if isinstance(backbone, NextScaleTransformer):
+            self.prefix_pos = nn.Parameter(torch.randn((cfg.feature_grid // cfg.k) ** 2, D) * 0.02)
 
     def new_parameter_names(self) -> list[str]:
         """What an official backbone checkpoint does not initialise."""
@@ -740,11 +722,12 @@ class SCAR(nn.Module):
         P_s = self.proj(F_c.flatten(1, 2))  # (B, L_c, D)
         if drop_image is not None:
             P_s = torch.where(drop_image[:, None, None], self.null_prefix.to(P_s.dtype), P_s)
-        if self.prefix_pos.shape[0] != h * w:
-            raise ValueError(f"this model was built for a {self.prefix_pos.shape[0]}-token prefix, "
-                             f"the features give {h}x{w}")
-        P_s = P_s + self.prefix_pos
-        return self.backbone.image_text_prefix(P_s, (h, w), self.cfg.k, text, cond_mask, drop_text, self.cfg.causal)
+        if hasattr(self, "prefix_pos"):
+            if self.prefix_pos.shape[0] != h * w:
+                raise ValueError(f"this model was built for a {self.prefix_pos.shape[0]}-token prefix, "
+                                 f"the features give {h}x{w}")
+            P_s = P_s + self.prefix_pos
+        return self.backbone.image_text_prefix(P_s, (h, w), text, cond_mask, drop_text, self.cfg.causal)
 
     def cfg_dropout(self, B: int, device):
         """Per-sample (drop_text, drop_image) flags: text only, image only, or both, each with its probability."""
@@ -764,7 +747,7 @@ class SCAR(nn.Module):
         F_c = self.compressor(F_s)
         pres = self.compressor.pres_loss(F_s, F_c)
         prefix = self._prefix(F_c, text, text_mask, drop_text, drop_image)
-        H = self.backbone.hidden(prefix, self.noisy(codes) if inputs is None else inputs)
+        H = self.backbone.hidden(prefix, codes if inputs is None else inputs)
         logits = self.backbone.predict(H, prefix)
         ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
         P_t = self.proj(self.compressor(F_t).flatten(1, 2))
@@ -772,16 +755,6 @@ class SCAR(nn.Module):
             P_t = P_t.detach()
         align = self.align_loss(H[:, :prefix.n_image], P_t, drop_image)
         return {"ce": ce, "pres": pres, "align": align, "loss": ce + pres + self.cfg.delta * align}
-
-    def noisy(self, codes):
-        """The next-token inputs Z_t with a share token_noise of them replaced by uniformly random codes,
-        in training only; the targets stay clean. Not in the paper (the toy recipe uses it, README): a
-        model that can always trust its previous tokens learns to continue them and leave the source
-        unread, and at sampling time its own mistakes are those tokens."""
-        if not (self.training and self.cfg.token_noise):
-            return codes
-        swap = torch.rand(codes.shape, device=codes.device) < self.cfg.token_noise
-        return torch.where(swap, torch.randint_like(codes, self.backbone.cfg.vocab_size), codes)
 
     @staticmethod
     def align_loss(H_s, P_t, drop_image=None):

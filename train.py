@@ -84,8 +84,6 @@ def parse_args(argv=None):
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
     p.add_argument("--causal", action="store_true", help="plain causal attention (ablation) instead of the prefix mask")
     p.add_argument("--stop-grad-target", action="store_true", help="no gradient into P_t through L_align")
-    p.add_argument("--token-noise", type=float, default=0.0, help="--arch next-token: replace this share of the input "
-                   "target codes by random ones in training (not in the paper; the toy uses 0.2, see README)")
     p.add_argument("--text", choices=["bytes", "t5"], default="bytes",
                    help="how T_t reads text: UTF-8 bytes (the toy) or T5 caption features (LlamaGen t2i weights; needs --t5)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder: encodes captions on the fly unless DATA/t5/ holds "
@@ -107,8 +105,6 @@ def parse_args(argv=None):
         p.error("--data or --toy is required")
     if args.vq_warmup and (args.task != "vq" or args.arch != "next-token"):
         p.error("--vq-warmup is for --task vq --arch next-token")
-    if args.token_noise and (args.task == "vq" or args.arch != "next-token" or not 0 < args.token_noise < 1):
-        p.error("--token-noise is a share in (0, 1) for the next-token SCAR tasks")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
         p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
     return args
@@ -178,8 +174,7 @@ class SCARTask:
         grid = (args.dino_size or args.image_size) // self.dino.cfg.patch_size
         C = self.dino.cfg.dim * (4 if args.dino_layers == "quarters" else 1)
         scar_cfg = SCARConfig(feature_dim=C, feature_grid=grid, k=args.k, compressor=args.compressor,
-                              delta=args.delta, stop_grad_target=args.stop_grad_target, causal=args.causal,
-                              token_noise=args.token_noise)
+                              delta=args.delta, stop_grad_target=args.stop_grad_target, causal=args.causal)
         self.model = SCAR(scar_cfg, self.backbone()).to(device)
         if args.init and int(os.environ.get("RANK", 0)) == 0:
             print(f"{args.init}: backbone loaded; newly initialised: {', '.join(self.model.new_parameter_names())}",

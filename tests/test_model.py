@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from checkpoint import CheckpointError
 from compressor import SemanticCompressor
 from model import (SCAR, GPTConfig, NextTokenTransformer, SCARConfig, attention_mask, encode_bytes, gpt_config,
-                   grid_rope, llamagen_from_state_dict, load_llamagen, prefix_rope, rope_table)
+                   grid_rope, llamagen_from_state_dict, load_llamagen)
 from sample import generate_tokens
 
 C2I, T2I = FIXTURES / "llamagen_gpt_c2i", FIXTURES / "llamagen_gpt_t2i"
@@ -144,7 +144,7 @@ def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2):
     torch.manual_seed(0)
     backbone = NextTokenTransformer(GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=n_kv, ffn_hidden=128,
                                               vocab_size=vocab, cond="bytes", text_len=12))
-    return SCAR(SCARConfig(feature_dim=16, feature_grid=4, k=k, causal=causal, stop_grad_target=stop_grad), backbone)
+    return SCAR(SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad), backbone)
 
 
 def batch(B=2, seed=0, vocab=64):
@@ -226,54 +226,6 @@ def test_prefix_hidden_states_see_the_text_only_with_the_papers_mask(causal):
     assert torch.allclose(H[0], H[1]) == causal
 
 
-@pytest.mark.parametrize("stride, coords", [(2, [0.5, 2.5, 4.5, 6.5]), (1, [0.5, 1.5, 2.5, 3.5]), (4, [1.5])])
-def test_prefix_cells_sit_between_the_target_cells_they_summarise(stride, coords):
-    side = len(coords)
-    rows, cols = torch.tensor(coords).repeat_interleave(side), torch.tensor(coords).repeat(side)
-    table = prefix_rope(side, side, stride, 16, 10000.0)
-    torch.testing.assert_close(table, rope_table(rows, cols, 16, 10000.0), atol=0, rtol=0)
-    # every target cell is within half a cell of its prefix cell, the same offset pattern everywhere
-    targets = torch.arange(stride * side)
-    offset = targets - torch.tensor(coords)[targets // stride]
-    assert offset.abs().max() <= stride / 2 and torch.equal(offset.view(side, stride), offset[:stride].repeat(side, 1))
-
-
-def test_scar_prefix_carries_the_prefix_rotary_rows_and_learned_positions():
-    model = tiny_scar().eval()
-    b = batch()
-    prefix = model.prefix((b["F_s"], b["text"]), b["text_mask"])
-    torch.testing.assert_close(prefix.rope[:4], prefix_rope(2, 2, 2, 16, 10000.0), atol=0, rtol=0)
-    assert prefix.rope[4:].abs().sum() == 0  # text rows stay zero, as LlamaGen's condition tokens
-    expected = model.proj(model.compressor(b["F_s"]).flatten(1, 2)) + model.prefix_pos
-    torch.testing.assert_close(prefix.h[:, :4], expected)
-
-
-def test_token_noise_corrupts_inputs_in_training_only_and_keeps_the_targets():
-    model = tiny_scar()
-    model.cfg.token_noise = 0.5
-    codes = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    changed = (model.noisy(codes) != codes).float().mean().item()
-    assert 0.45 < changed < 0.52  # half swapped, 1/64 of those to the same code
-    assert torch.equal(model.eval().noisy(codes), codes)
-    model.cfg.token_noise = 0.0
-    assert torch.equal(model.train().noisy(codes), codes)
-    # L_CE reads the corrupted inputs and scores the clean codes Z_t
-    model.cfg.token_noise = 1.0
-    model.cfg.drop_text = model.cfg.drop_image = model.cfg.drop_both = 0.0
-    b = batch()
-    torch.manual_seed(0)
-    noisy_ce = model(**b)["ce"]
-    torch.manual_seed(0)
-    model.cfg_dropout(2, "cpu")  # the same draws as forward: dropout flags first, then the noise
-    inputs = model.noisy(b["codes"])
-    assert (inputs != b["codes"]).any()
-    with torch.no_grad():
-        prefix = model.prefix((b["F_s"], b["text"]), b["text_mask"])
-        logits = model.backbone.logits(prefix, inputs)
-    torch.testing.assert_close(noisy_ce, torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["codes"].flatten()))
-
-
 def test_pres_is_zero_without_compression_and_shapes_of_every_variant():
     F_s = torch.randn(2, 8, 8, 16)
     identity = SemanticCompressor(16, 1)
@@ -301,11 +253,11 @@ def test_cfg_dropout_rates():
 
 def test_scar_from_official_backbone_reports_new_parameters(t2i):
     backbone, ref = t2i
-    model = SCAR(SCARConfig(feature_dim=16, feature_grid=4), backbone)
+    model = SCAR(SCARConfig(feature_dim=16), backbone)
     assert sorted(model.new_parameter_names()) == ["compressor.conv.bias", "compressor.conv.weight",
                                                    "compressor.up.0.bias", "compressor.up.0.weight",
                                                    "compressor.up.2.bias", "compressor.up.2.weight",
-                                                   "null_prefix", "prefix_pos", "proj.weight"]
+                                                   "null_prefix", "proj.weight"]
     F_s = torch.randn(2, 4, 4, 16)
     losses = model(F_s, F_s, ref["caption_embs"], ref["tokens"], ref["emb_mask"])
     assert set(losses) == {"ce", "pres", "align", "loss"} and torch.isfinite(losses["loss"])

@@ -30,12 +30,12 @@ def weights(out):
     return {k: v for k, v in read_checkpoint(Path(out) / "checkpoint.safetensors")[0].items() if k.startswith("model.")}
 
 
-@pytest.mark.parametrize("arch, extra", [("next-token", ["--token-noise", "0.2"]), ("next-scale", [])])
-def test_resume_equals_uninterrupted(frozen, tmp_path, arch, extra):
-    train.main(args(frozen, tmp_path / "full", *extra, arch=arch, steps=4))
-    train.main(args(frozen, tmp_path / "split", *extra, arch=arch, steps=2))
+@pytest.mark.parametrize("arch", ["next-token", "next-scale"])
+def test_resume_equals_uninterrupted(frozen, tmp_path, arch):
+    train.main(args(frozen, tmp_path / "full", arch=arch, steps=4))
+    train.main(args(frozen, tmp_path / "split", arch=arch, steps=2))
     assert read_meta(tmp_path / "split" / "checkpoint.safetensors")["step"] == 2
-    train.main(args(frozen, tmp_path / "split", "--resume", *extra, arch=arch, steps=4))
+    train.main(args(frozen, tmp_path / "split", "--resume", arch=arch, steps=4))
     full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert full.keys() == split.keys()
     for k in full:
@@ -153,14 +153,6 @@ def test_vq_warm_up_resumes_across_the_seeding(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         train.main(["--task", "vq", "--arch", "next-scale", "--toy", "--vq-warmup", "2", "--out", str(tmp_path / "ms")])
     assert "--vq-warmup is for --task vq --arch next-token" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("arch, share", [("next-scale", "0.2"), ("next-token", "1.5")])
-def test_token_noise_is_a_share_for_next_token_only(frozen, tmp_path, capsys, arch, share):
-    with pytest.raises(SystemExit):
-        train.main(args(frozen, tmp_path, "--token-noise", share, arch=arch))
-    assert "--token-noise is a share in (0, 1) for the next-token SCAR tasks" in capsys.readouterr().err
-    assert not tmp_path.joinpath("checkpoint.safetensors").exists()
 
 
 def test_init_from_an_official_backbone_on_labelled_control_data(tmp_path, capsys):
