@@ -46,18 +46,23 @@ def edit_success(out, source, target, mask):  # (B,) bool
     return to_target < to_source
 
 
+def heldout_batches(meta, n, batch, seed, device):
+    """(items, source, target, mask) of the first n held-out edits, `batch` at a time, with a progress bar."""
+    data = ToyEdits(n, "heldout", size=meta["image_size"], seed=seed)
+    for first in tqdm(range(0, n, batch), desc="held-out edits"):
+        items = [data[i] for i in range(first, min(n, first + batch))]
+        yield items, *(torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
+
+
 @torch.no_grad()
 def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu") -> dict:
     model, meta = load_scar(ckpt)
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
-    data = ToyEdits(n, "heldout", size=meta["image_size"], seed=seed)
     generator = torch.Generator(device).manual_seed(seed)
     success, background, target_psnr, kinds = [], [], [], []
     start = time.perf_counter()
-    for first in tqdm(range(0, n, batch), desc="held-out edits"):
-        items = [data[i] for i in range(first, min(n, first + batch))]
-        source, target, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
+    for items, source, target, mask in heldout_batches(meta, n, batch, seed, device):
         out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, top_k=top_k, generator=generator, t5=t5)
         success.append(edit_success(out, source, target, mask))
         background.append(psnr(out, source, 1 - mask))
@@ -89,11 +94,8 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu") -> dict:
         raise SampleError(f"{ckpt}: --teacher-forced reads next-token models, this one is {meta['arch']}")
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
-    data = ToyEdits(n, "heldout", size=meta["image_size"], seed=seed)
     right, count = {}, {}
-    for first in tqdm(range(0, n, batch), desc="held-out edits"):
-        items = [data[i] for i in range(first, min(n, first + batch))]
-        source, target, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
+    for items, source, target, mask in heldout_batches(meta, n, batch, seed, device):
         F_s = dino.features(source, meta["dino"]["layers"], meta["dino"]["size"]).float()
         text, text_mask = text_condition(model, [it["text"] for it in items], t5, device)
         codes = vq.encode(target)  # (B, h, w)
