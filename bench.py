@@ -60,6 +60,10 @@ def inputs(args):
     return F_s, F_t, text, torch.ones(B, args.text_len, dtype=torch.bool, device=dev), codes
 
 
+def autocast(args):
+    return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16")
+
+
 def timed(fn, args) -> tuple[float, float | None]:
     """Mean seconds per call, and peak GiB allocated during the timed calls (CUDA only)."""
     cuda = torch.device(args.device).type == "cuda"
@@ -83,13 +87,15 @@ def bench_prefix(args) -> list[dict]:
         model = scar(args, k).train()
 
         def step():
-            with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16"):
+            with autocast(args):
                 loss = model(F_s, F_t, text, codes, mask)["loss"]
             loss.backward()
             model.zero_grad(set_to_none=True)
 
         seconds, peak = timed(step, args)
-        rows.append({"bench": "prefix", "k": k, "prefix_tokens": (args.grid // k) ** 2, "step_s": round(seconds, 4),
+        with torch.no_grad():
+            n_image = model.prefix((F_s, text), mask).n_image  # what the model built, not (grid / k)^2 assumed
+        rows.append({"bench": "prefix", "k": k, "prefix_tokens": n_image, "step_s": round(seconds, 4),
                      "peak_gib": None if peak is None else round(peak, 3)})
         del model
     for row in rows:
@@ -105,7 +111,7 @@ def bench_decode(args) -> list[dict]:
     tokens = {}
 
     def run(cache: bool):
-        with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16"):
+        with autocast(args):
             tokens[cache] = generate_tokens(model, (F_s, text), args.grid ** 2, mask, cfg=3.0, use_cache=cache,
                                             generator=torch.Generator(args.device).manual_seed(0))
 

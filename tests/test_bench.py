@@ -12,7 +12,7 @@ def test_bench_reports_every_compression_and_cached_decoding(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     prefix = [r for r in rows if r["bench"] == "prefix"]
     assert [(r["k"], r["prefix_tokens"]) for r in prefix] == [(1, 16), (2, 4), (4, 1)]
-    assert prefix[0]["time_vs_k1"] == 1.0 and all(r["step_s"] > 0 and r["peak_gib"] is None for r in prefix)
+    assert all(r["step_s"] > 0 and r["peak_gib"] is None and r["memory_vs_k1"] is None for r in prefix)  # CPU: no peak
     (decode,) = [r for r in rows if r["bench"] == "decode"]
     assert decode["tokens"] == 16 and decode["same_tokens"] is True and decode["speedup"] > 0
 
