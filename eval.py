@@ -15,6 +15,11 @@ PSNRs are computed per image on [0, 1] pixels (capped at 60 dB for identical ima
 (argmax) given the true previous ones, on the tokens the edit leaves alone, by kind: background, a
 shape's first token (a shape token with background to its left and above, the first the raster order
 reaches: only the source can announce it), and the rest of a shape (which its first token implies).
+
+    python eval.py --bench toy --ckpt CKPT --split train --seed 7
+
+measures the same on edits of the training distribution: with a seed other than training's (0), scenes the
+model never saw, but (edit, shape, colour) triples it did; the held-out split's triples are all new.
 """
 import argparse
 import json
@@ -46,24 +51,26 @@ def edit_success(out, source, target, mask):  # (B,) bool
     return to_target < to_source
 
 
-def heldout_batches(meta, n, batch, seed, device):
-    """(items, source, target, mask) of the first n held-out edits, `batch` at a time, with a progress bar."""
-    data = ToyEdits(n, "heldout", size=meta["image_size"], seed=seed)
-    for first in tqdm(range(0, n, batch), desc="held-out edits"):
+def heldout_batches(meta, n, batch, seed, device, split="heldout"):
+    """(items, source, target, mask) of the first n edits of a split, `batch` at a time, with a progress bar."""
+    data = ToyEdits(n, split, size=meta["image_size"], seed=seed)
+    for first in tqdm(range(0, n, batch), desc=f"{split} edits"):
         items = [data[i] for i in range(first, min(n, first + batch))]
         yield items, *(torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
 
 
 @torch.no_grad()
-def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu") -> dict:
+def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0, seed=0, device="cpu",
+             plausibility=0.1, split="heldout") -> dict:
     model, meta = load_scar(ckpt)
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     generator = torch.Generator(device).manual_seed(seed)
     success, background, target_psnr, kinds = [], [], [], []
     start = time.perf_counter()
-    for items, source, target, mask in heldout_batches(meta, n, batch, seed, device):
-        out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, top_k=top_k, generator=generator, t5=t5)
+    for items, source, target, mask in heldout_batches(meta, n, batch, seed, device, split):
+        out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, temperature, top_k, top_p,
+                         generator, t5=t5, plausibility=plausibility)
         success.append(edit_success(out, source, target, mask))
         background.append(psnr(out, source, 1 - mask))
         target_psnr.append(psnr(out, target, torch.ones_like(mask)))
@@ -72,7 +79,8 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
     success, background, target_psnr = torch.cat(success).float(), torch.cat(background), torch.cat(target_psnr)
     per_kind = {k: round(100 * success[[i for i, kk in enumerate(kinds) if kk == k]].mean().item(), 1)
                 for k in sorted(set(kinds))}
-    return {"checkpoint": str(ckpt), "arch": meta["arch"], "split": "heldout", "n": n, "cfg": cfg, "top_k": top_k,
+    return {"checkpoint": str(ckpt), "arch": meta["arch"], "split": split, "n": n, "cfg": cfg,
+            "plausibility": plausibility, "temperature": temperature, "top_k": top_k, "top_p": top_p,
             "seed": seed, "edit_success_pct": round(100 * success.mean().item(), 1),
             "background_psnr_db": round(background.mean().item(), 2), "target_psnr_db": round(target_psnr.mean().item(), 2),
             "images_per_s": round(n / seconds, 2), "edit_success_by_kind_pct": per_kind}
@@ -117,8 +125,15 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="held-out edits to evaluate")
     p.add_argument("--batch", type=int, default=25, help="edits generated together")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--plausibility", type=float, default=0.1, help="guidance restricted to plausible codes (as sample.py; "
+                   "0 = plain guidance)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (as sample.py)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = all codes)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the sampling")
+    p.add_argument("--split", choices=["heldout", "train"], default="heldout",
+                   help="train: edits of the training distribution (with a --seed other than training's 0 they are "
+                        "scenes the model never saw, but (edit, shape, colour) triples it did)")
     p.add_argument("--teacher-forced", action="store_true", help="next-token: teacher-forced code accuracy by token "
                    "kind away from the edit, instead of sampling (see above)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -126,7 +141,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device) if args.teacher_forced else \
-            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device)
+            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.temperature, args.top_k, args.top_p, args.seed, args.device,
+                     args.plausibility, args.split)
     except (SampleError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -147,7 +163,9 @@ def print_table(result):
             ("PSNR vs target", f"{result['target_psnr_db']:.2f} dB"),
             ("images / s", f"{result['images_per_s']:.2f}")]
     rows += [(f"  success: {k}", f"{v:.1f} %") for k, v in result["edit_success_by_kind_pct"].items()]
-    print(f"{result['arch']} on {result['n']} held-out toy edits (cfg {result['cfg']}, seed {result['seed']})")
+    print(f"{result['arch']} on {result['n']} {result['split']} toy edits (cfg {result['cfg']}, plausibility "
+          f"{result['plausibility']}, temperature {result['temperature']}, top-k {result['top_k']}, "
+          f"top-p {result['top_p']}, seed {result['seed']})")
     for name, value in rows:
         print(f"  {name:<24}{value:>12}")
 

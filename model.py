@@ -10,6 +10,7 @@ and image token n is predicted from the position just before it. An official Lla
 same with no P_s. `Prefix` carries everything the backbone needs to know about [P_s ; T_t]; the
 official models and `SCAR` both build one, and training, prefill and decoding all run from it.
 """
+import functools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -18,13 +19,15 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
 from compressor import SemanticCompressor
 
 
-def attention_mask(n_image: int, text_valid, target_blocks, causal: bool = False):
-    """Boolean attention mask (B, 1, L, L) for [P_s ; T_t ; Z_t]; True = may attend.
+def attention_mask(n_image: int, text_valid, target_blocks, causal: bool = False, flex: bool = False):
+    """Boolean attention mask (B, 1, L, L) for [P_s ; T_t ; Z_t]; True = may attend (with flex=True the same
+    pattern as a flex_attention BlockMask).
 
     n_image prefix image tokens; text_valid (B, T) with False at padded text slots; target_blocks
     the number of target tokens (next-token: each its own step) or the list of block lengths
@@ -58,8 +61,32 @@ def attention_mask(n_image: int, text_valid, target_blocks, causal: bool = False
     steps = torch.cat([prefix_steps, target_steps])
     L = steps.numel()
     key_valid = torch.cat([text_valid.new_ones(B, n_image), text_valid, text_valid.new_ones(B, L - n_prefix)], 1).bool()
+    if flex:
+        def allowed(b, h, q, kv):
+            return ((steps[kv] <= steps[q]) & key_valid[b, kv]) | (q == kv)
+        return create_block_mask(allowed, B, None, L, L, device=device)
     mask = (steps[None, :] <= steps[:, None])[None] & key_valid[:, None, :]
     return (mask | torch.eye(L, dtype=torch.bool, device=device))[:, None]
+
+
+def use_flex(x) -> bool:
+    """Whether the full-sequence passes (training, teacher forcing) run flex_attention: on CUDA, where a
+    dense boolean mask would push SDPA off its fused kernels (DESIGN.md). Prefill and decoding keep SDPA."""
+    return x.is_cuda
+
+
+@functools.cache
+def compiled_flex():
+    """flex_attention compiled: one fused kernel that skips fully masked blocks (called eagerly it would
+    materialise the whole score matrix). Made on first use, since creating it adds seconds to every import."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q, k, v, mask, scale=None, enable_gqa=False):  # q (B, H, S, d), k, v (B, H_kv, keys, d)
+    """Attention under a dense boolean mask (SDPA, the reference path) or a BlockMask (flex_attention)."""
+    if isinstance(mask, BlockMask):  # flex has no autocast rule: q and k follow v's dtype
+        return compiled_flex()(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
 def rope_table(rows, cols, head_dim: int, base: float = 10000.0):
@@ -175,7 +202,7 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.cache is not None:  # write this step, attend over the filled part only
             k, v = update_cache(self.cache, k, v, cache_pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        y = attend(q, k, v, mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -334,7 +361,7 @@ class NextTokenTransformer(nn.Module):
         x = torch.cat([prefix.h, self.tok_embeddings(tokens[:, :-1]).to(prefix.h.dtype)], 1)
         index = torch.arange(N - 1, device=tokens.device)
         rope = torch.cat([prefix.rope.to(tokens.device), self.target_rope(n_tokens or N, index)])
-        mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], N - 1, prefix.causal)
+        mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], N - 1, prefix.causal, use_flex(x))
         for layer in self.layers:
             x = layer(x, rope, mask)
         return self.norm(x)
@@ -469,7 +496,7 @@ class ScaleAttention(nn.Module):
         k = F.normalize(k, dim=-1)
         if self.cache is not None:
             k, v = update_cache(self.cache, k, v, cache_pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        y = attend(q, k, v, mask, scale=1.0)
         return self.proj(y.transpose(1, 2).reshape(B, S, C))
 
 
@@ -595,7 +622,8 @@ class NextScaleTransformer(nn.Module):
         """Head-normed hidden states (B, P + L, C) of [prefix ; sos ; inputs], inputs = (B, L - 1, Cvae)."""
         L = sum(self.blocks_of_scales)
         x = torch.cat([prefix.h, self.scale_tokens(prefix.cond, inputs, 0, L).to(prefix.h.dtype)], 1)
-        mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], self.blocks_of_scales, prefix.causal)
+        mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], self.blocks_of_scales, prefix.causal,
+                              use_flex(x))
         return self.head_norm(self._blocks(x, prefix.cond, mask), prefix.cond)
 
     def predict(self, H, prefix: Prefix):  # -> logits (B, L, V) of the scale tokens

@@ -44,20 +44,36 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None): 
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
-def guide(logits, cfg: float):  # (2B, V) [cond ; uncond] -> (B, V)
+def plausible_only(guided, cond, plausibility: float):
+    """Keep the guided logits of the codes whose conditional probability is at least `plausibility` times the
+    most likely code's; the rest become -inf (0 = keep all, plain guidance).
+
+    Guidance extrapolates away from the unconditional branch, and at a strong scale it also lifts codes that
+    neither branch finds likely: on the toy, cfg 3 made the guided argmax such a code at many tokens the edit
+    leaves alone, and once one is drawn the rest of the image derails. Restricting guidance to the codes the
+    conditional model finds plausible (the adaptive plausibility constraint of contrastive decoding) keeps the
+    edit's amplification and drops those codes."""
+    if plausibility <= 0:
+        return guided
+    logp = cond.float().log_softmax(-1)
+    return guided.masked_fill(logp < logp.amax(-1, keepdim=True) + math.log(plausibility), float("-inf"))
+
+
+def guide(logits, cfg: float, plausibility: float = 0.0):  # (2B, V) [cond ; uncond] -> (B, V)
     cond, uncond = logits.chunk(2)
-    return uncond + cfg * (cond - uncond)
+    return plausible_only(uncond + cfg * (cond - uncond), cond, plausibility)
 
 
 @torch.no_grad()
 def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0,
-                    generator=None, use_cache=True, progress=False):
+                    generator=None, use_cache=True, progress=False, plausibility=0.0):
     """Sample (B, n_tokens) int64 image tokens, as LlamaGen's `generate`.
 
     `model` is an official `NextTokenTransformer` (cond: class ids or caption features with
     `cond_mask`) or a `SCAR` model (cond: (F_s, text)). For cfg > 1 the unconditional half is built
-    here from the conditional batch. `use_cache=False` recomputes the whole sequence every step
-    and gives the same tokens. No cache is left on the model afterwards. `progress` shows a bar.
+    here from the conditional batch; `plausibility` > 0 restricts it to plausible codes (plausible_only;
+    0 = LlamaGen's). `use_cache=False` recomputes the whole sequence every step and gives the same tokens.
+    No cache is left on the model afterwards. `progress` shows a bar.
     """
     backbone = getattr(model, "backbone", model)
     prefix = model.prefix(cond, cond_mask)
@@ -72,7 +88,8 @@ def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=
             if not use_cache:  # the last column is a placeholder that is never read
                 seen = tokens[:, :i + 1].repeat(2 if guided else 1, 1)
                 logits = backbone.logits(prefix, seen, n_tokens)[:, i]
-            nxt = sample_logits(guide(logits, cfg) if guided else logits, temperature, top_k, top_p, generator)
+            nxt = sample_logits(guide(logits, cfg, plausibility) if guided else logits, temperature, top_k, top_p,
+                                generator)
             tokens[:, i] = nxt
             if use_cache and i + 1 < n_tokens:
                 logits = backbone.decode(nxt.repeat(2) if guided else nxt, i)
@@ -83,7 +100,7 @@ def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=
 
 @torch.no_grad()
 def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top_p=0.0, generator=None, mask=None,
-                    progress=False):
+                    progress=False, plausibility=0.0):
     """Sample the codes of every scale, [(B, p, p) int64], as VAR's `autoregressive_infer_cfg`.
 
     `model` is an official `NextScaleTransformer` (labels: class ids) or a next-scale `SCAR` model
@@ -91,7 +108,7 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
     scales: at scale s, guided = (1 + t) cond - t uncond with t = cfg * s / (S - 1), so cfg = 1
     still guides the last scale. top_p = 0.0 is off (VAR's convention); temperature divides the
     guided logits. The image is `vqvae.decode(codes)`. `mask` is the text padding mask of a text model;
-    `progress` shows a bar over the scales.
+    `progress` shows a bar over the scales; `plausibility` as in generate_tokens (0 = VAR's guidance).
     """
     backbone = getattr(model, "backbone", model)
     prefix = model.prefix(labels, mask)
@@ -106,7 +123,7 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
         for s, p in enumerate(tqdm(patch_nums, desc="decoding scales", disable=not progress, leave=False)):
             logits = backbone.decode(s, inputs)  # (2B, p^2, V)
             t = cfg * s / (S - 1)
-            guided = (1 + t) * logits[:B] - t * logits[B:]
+            guided = plausible_only((1 + t) * logits[:B] - t * logits[B:], logits[:B], plausibility)
             idx = sample_logits(guided.flatten(0, 1), temperature, top_k, top_p or 1.0, generator)
             codes.append(idx.view(B, p, p))
             f_hat = f_hat + vqvae.scale_embedding(s, codes[-1])
@@ -181,28 +198,29 @@ def text_condition(model, prompts: list[str], t5=None, device="cpu"):
 
 @torch.no_grad()
 def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-               generator=None, progress=False, t5=None):
+               generator=None, progress=False, t5=None, plausibility=0.1):
     """Images (B, 3, S, S) in [-1, 1] generated from sources x (B, 3, S, S) at the model's resolution S
     (the image to edit, or a control map) and the prompts."""
     F_s = dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
     text, mask = text_condition(model, prompts, t5, x.device)
     if meta["arch"] == "next-scale":
         codes = generate_scales(model, vq, (F_s, text), cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                                generator=generator, mask=mask, progress=progress)
+                                generator=generator, mask=mask, progress=progress, plausibility=plausibility)
     else:
         grid = meta["image_size"] // vq.downsample
         codes = generate_tokens(model, (F_s, text), grid * grid, cond_mask=mask, cfg=cfg, temperature=temperature,
-                                top_k=top_k, top_p=top_p, generator=generator, progress=progress).view(-1, grid, grid)
+                                top_k=top_k, top_p=top_p, generator=generator, progress=progress,
+                                plausibility=plausibility).view(-1, grid, grid)
     return vq.decode(codes).clamp(-1, 1)
 
 
 def edit(model, meta, dino, vq, image: Image.Image, prompt: str, n=1, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-         seed=0, device="cpu", t5=None) -> list[Image.Image]:
+         seed=0, device="cpu", t5=None, plausibility=0.1) -> list[Image.Image]:
     """`n` outputs for `image` (any size or aspect ratio) and `prompt`, at the input's size."""
     square, box = fit_square(image, meta["image_size"])
     x = to_tensor(square)[None].to(device).expand(n, -1, -1, -1)
     out = edit_batch(model, meta, dino, vq, x, [prompt] * n, cfg, temperature, top_k, top_p,
-                     torch.Generator(device).manual_seed(seed), progress=True, t5=t5)
+                     torch.Generator(device).manual_seed(seed), progress=True, t5=t5, plausibility=plausibility)
     return [unfit(to_image(o), box, max(image.size), image.size) for o in out]
 
 
@@ -245,6 +263,9 @@ def parse_args(argv=None):
     p.add_argument("--text", choices=["bytes", "t5"], help="how the model reads text (default: as it was trained)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder for T5 models (default: the one used in training)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none; EditAR uses 3)")
+    p.add_argument("--plausibility", type=float, default=0.1,
+                   help="guidance acts only on codes whose conditional probability is at least this fraction of the "
+                        "most likely code's (0 = plain EditAR guidance; see plausible_only)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -278,7 +299,7 @@ def main(argv=None):
         model = model.to(args.device)
         dino, vq, t5 = frozen_parts(meta, args.ckpt, args.device, args.t5)
         outs = edit(model, meta, dino, vq, image, args.prompt.strip(), args.n, args.cfg, args.temperature, args.top_k,
-                    args.top_p, args.seed, args.device, t5)
+                    args.top_p, args.seed, args.device, t5, args.plausibility)
         out = args.out or args.image.with_name(f"{args.image.stem}_edited.png")
         save_atomic(grid_image(outs), out)
         print(out)

@@ -22,3 +22,26 @@ def save_tiny_frozen(folder):
                                       num_res_blocks=1))
     save_checkpoint(folder / "msvq.safetensors", msvq.state_dict(), {"kind": "msvq", "patch_nums": [1, 2, 4, 8]})
     return folder
+
+
+def assert_flex_matches_sdpa(monkeypatch, scar, prefix, inputs, batch):
+    """The full-sequence passes run through flex_attention (the CUDA path), forced on the CPU, give the SDPA
+    path's hidden states and SCAR losses. (PyTorch has no flex backward on the CPU.)"""
+    import torch
+    import model
+
+    def run():
+        with torch.no_grad():
+            torch.manual_seed(1)  # the same CFG drops in both runs
+            return scar.backbone.hidden(prefix, inputs), scar(**batch)
+
+    H, losses = run()
+    calls, flex = [], model.compiled_flex()
+    monkeypatch.setattr(model, "use_flex", lambda x: True)
+    monkeypatch.setattr(model, "compiled_flex", lambda: lambda *a, **k: calls.append(1) or flex(*a, **k))
+    H_flex, losses_flex = run()
+    blocks = getattr(scar.backbone, "layers", None) or scar.backbone.blocks
+    assert len(calls) == 2 * len(blocks)  # every block of both passes took the flex path
+    torch.testing.assert_close(H_flex, H, atol=1e-5, rtol=1e-5)
+    for k in losses:
+        torch.testing.assert_close(losses_flex[k], losses[k], atol=1e-5, rtol=1e-5)

@@ -1,7 +1,8 @@
 """Next-token backbone and SCAR: LlamaGen parity, the mask, the KV cache, the losses."""
 import pytest
 import torch
-from conftest import FIXTURES
+from torch.nn.attention.flex_attention import create_mask
+from conftest import FIXTURES, assert_flex_matches_sdpa
 from safetensors.torch import load_file
 
 from checkpoint import CheckpointError
@@ -126,6 +127,20 @@ def test_mask_pattern_of_the_docstring():
     expected_causal[2, 2] = True
     assert torch.equal(causal[0, 0], expected_causal)
     assert torch.equal(causal[1, 0], torch.tril(torch.ones(7, 7, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_has_the_dense_pattern(causal):
+    text_valid = torch.tensor([[False, True], [True, True]])
+    block = attention_mask(2, text_valid, 3, causal, flex=True)
+    assert torch.equal(create_mask(block.mask_mod, 2, 1, 7, 7), attention_mask(2, text_valid, 3, causal))
+
+
+def test_flex_attention_path_equals_sdpa(monkeypatch):  # grouped-query heads, the second text padded
+    model = tiny_scar()
+    nn_init_output(model)
+    b = batch()
+    assert_flex_matches_sdpa(monkeypatch, model, model.prefix((b["F_s"], b["text"]), b["text_mask"]), b["codes"], b)
 
 
 def test_mask_of_the_official_t2i_prefix(t2i):

@@ -3,7 +3,8 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES
+from torch.nn.attention.flex_attention import create_mask
+from conftest import FIXTURES, assert_flex_matches_sdpa
 from safetensors.torch import load_file
 
 from checkpoint import CheckpointError
@@ -137,6 +138,15 @@ def randomise_adaln(model):  # AdaLN-zero makes a fresh model's blocks the ident
     for p in model.backbone.parameters():
         if p.ndim == 2:
             torch.nn.init.normal_(p, std=0.2)
+
+
+def test_flex_attention_path_equals_sdpa(monkeypatch):
+    block = attention_mask(2, torch.tensor([[True]]), [1, 2, 3], flex=True)
+    assert torch.equal(create_mask(block.mask_mod, 1, 1, 9, 9), attention_mask(2, torch.tensor([[True]]), [1, 2, 3]))
+    model, vae = tiny()
+    randomise_adaln(model)
+    b, _ = batch(vae)
+    assert_flex_matches_sdpa(monkeypatch, model, model.prefix((b["F_s"], b["text"]), b["text_mask"]), b["inputs"], b)
 
 
 def test_kv_cache_scale_by_scale_equals_full_recomputation_with_scar_prefix_and_cfg():

@@ -1,4 +1,5 @@
 """sample.py and eval.py end to end on a small SCAR checkpoint made by train.py, and every bad input."""
+import inspect
 import json
 
 import pytest
@@ -130,6 +131,34 @@ def test_eval_reports_every_metric(ckpts, tmp_path, capsys):
     assert 0 <= result["edit_success_pct"] <= 100 and 0 < result["background_psnr_db"] <= 60
     assert 0 < result["target_psnr_db"] <= 60 and result["images_per_s"] > 0 and result["n"] == 4
     assert "edit success" in capsys.readouterr().out
+
+
+def test_eval_sampling_flags_reach_the_sampler(ckpts):
+    def metrics(**sampling):
+        r = evaluation.evaluate(ckpts["next-token"], n=4, batch=4, **sampling)
+        return r["edit_success_pct"], r["background_psnr_db"], r["target_psnr_db"]
+    greedy = metrics(top_k=1)
+    assert metrics(top_k=1, temperature=5.0) == greedy == metrics(top_p=1e-6)  # one code left: temperature is moot
+    assert metrics(temperature=5.0) != greedy
+    assert evaluation.evaluate(ckpts["next-token"], n=2, batch=2, split="train", seed=7)["split"] == "train"
+
+
+def test_guidance_restricted_to_plausible_codes():
+    cond = torch.tensor([[5.0, 0.0, 2.9, 2.0]])
+    uncond = torch.tensor([[7.0, -5.0, 0.0, 0.0]])
+    logits = torch.cat([cond, uncond])
+    plain = sample.guide(logits, 3.0)  # [1, 10, 8.7, 6]: the code the conditional model finds least likely wins
+    assert torch.equal(plain, sample.guide(logits, 3.0, plausibility=0.0)) and plain.argmax().item() == 1
+    kept = sample.guide(logits, 3.0, plausibility=0.1)  # p >= 0.1 p_max <=> logit >= 5 - ln 10 = 2.70
+    assert torch.isfinite(kept).tolist() == [[True, False, True, False]] and kept.argmax().item() == 2
+    torch.testing.assert_close(kept[0, [0, 2]], plain[0, [0, 2]])
+
+
+def test_eval_and_sample_default_to_the_same_sampling():
+    cli = vars(sample.parse_args(["--image", "x.png", "--prompt", "p"]))
+    api = {name: p.default for name, p in inspect.signature(evaluation.evaluate).parameters.items()}
+    for name in ("cfg", "plausibility", "temperature", "top_k", "top_p", "seed"):
+        assert cli[name] == api[name], name
 
 
 def test_token_kinds_find_the_first_token_of_each_shape():
