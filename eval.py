@@ -51,7 +51,7 @@ def edit_success(out, source, target, mask):  # (B,) bool
     return to_target < to_source
 
 
-def heldout_batches(meta, n, batch, seed, device, split="heldout"):
+def toy_batches(meta, n, batch, seed, device, split="heldout"):
     """(items, source, target, mask) of the first n edits of a split, `batch` at a time, with a progress bar."""
     data = ToyEdits(n, split, size=meta["image_size"], seed=seed)
     for first in tqdm(range(0, n, batch), desc=f"{split} edits"):
@@ -68,7 +68,7 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, temperature=1.0, top_k=0, top
     generator = torch.Generator(device).manual_seed(seed)
     success, background, target_psnr, kinds = [], [], [], []
     start = time.perf_counter()
-    for items, source, target, mask in heldout_batches(meta, n, batch, seed, device, split):
+    for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split):
         out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, temperature, top_k, top_p,
                          generator, t5=t5, plausibility=plausibility)
         success.append(edit_success(out, source, target, mask))
@@ -103,7 +103,7 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu") -> dict:
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     right, count = {}, {}
-    for items, source, target, mask in heldout_batches(meta, n, batch, seed, device):
+    for items, source, target, mask in toy_batches(meta, n, batch, seed, device):
         F_s = dino.features(source, meta["dino"]["layers"], meta["dino"]["size"]).float()
         text, text_mask = text_condition(model, [it["text"] for it in items], t5, device)
         codes = vq.encode(target)  # (B, h, w)
@@ -140,6 +140,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
+        if not 0 <= args.plausibility <= 1:
+            raise SampleError("--plausibility must be between 0 and 1")
         result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device) if args.teacher_forced else \
             evaluate(args.ckpt, args.n, args.batch, args.cfg, args.temperature, args.top_k, args.top_p, args.seed, args.device,
                      args.plausibility, args.split)

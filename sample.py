@@ -290,6 +290,8 @@ def main(argv=None):
             raise SampleError("the prompt is empty")
         if args.n < 1:
             raise SampleError("--n must be at least 1")
+        if not 0 <= args.plausibility <= 1:
+            raise SampleError("--plausibility must be between 0 and 1")
         image = load_image(args.image)
         model, meta = load_scar(args.ckpt)
         kind = meta.get("text", {"kind": "bytes"})["kind"]

@@ -96,9 +96,11 @@ def test_kv_cache_gives_the_same_tokens_on_a_saved_model(ckpts):
     ("long", "this model reads at most 56"),
     ("no-ckpt", "no such file"),
     ("foreign-ckpt", "not a SCAR checkpoint"),
+    ("plausibility", "--plausibility must be between 0 and 1"),
 ])
 def test_bad_inputs_exit_2_and_write_nothing(ckpts, drawing, tmp_path, capsys, case, message):
     image, prompt, ckpt = str(drawing), "make the circle blue", str(ckpts["next-token"])
+    extra = ["--plausibility", "1.5"] if case == "plausibility" else []
     if case == "missing":
         image = str(tmp_path / "nope.png")
     if case == "directory":
@@ -118,7 +120,7 @@ def test_bad_inputs_exit_2_and_write_nothing(ckpts, drawing, tmp_path, capsys, c
         ckpt = str(ckpts["next-token"].parent.parent / "vq.safetensors")
     out = tmp_path / "out.png"
     with pytest.raises(SystemExit) as exit_:
-        sample.main(["--image", image, "--prompt", prompt, "--ckpt", ckpt, "--out", str(out)])
+        sample.main(["--image", image, "--prompt", prompt, "--ckpt", ckpt, "--out", str(out), *extra])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
@@ -131,6 +133,9 @@ def test_eval_reports_every_metric(ckpts, tmp_path, capsys):
     assert 0 <= result["edit_success_pct"] <= 100 and 0 < result["background_psnr_db"] <= 60
     assert 0 < result["target_psnr_db"] <= 60 and result["images_per_s"] > 0 and result["n"] == 4
     assert "edit success" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluation.main(["--bench", "toy", "--ckpt", str(ckpts["next-token"]), "--plausibility", "-1"])
+    assert "--plausibility must be between 0 and 1" in capsys.readouterr().err
 
 
 def test_eval_sampling_flags_reach_the_sampler(ckpts):
