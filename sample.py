@@ -48,11 +48,11 @@ def plausible_only(guided, cond, plausibility: float):
     """Keep the guided logits of the codes whose conditional probability is at least `plausibility` times the
     most likely code's; the rest become -inf (0 = keep all, plain guidance).
 
-    Guidance extrapolates away from the unconditional branch, and at a strong scale it also lifts codes that
-    neither branch finds likely: on the toy, cfg 3 made the guided argmax such a code at many tokens the edit
-    leaves alone, and once one is drawn the rest of the image derails. Restricting guidance to the codes the
-    conditional model finds plausible (the adaptive plausibility constraint of contrastive decoding) keeps the
-    edit's amplification and drops those codes."""
+    Guidance extrapolates away from the unconditional branch, and at a strong scale it also lifts codes the
+    conditional model itself finds unlikely: on the toy at cfg 3 even greedy decoding drew such codes where the
+    edit leaves the image alone, and once one is drawn the rest of the image derails. Restricting guidance to
+    the codes the conditional model finds plausible (the adaptive plausibility constraint of contrastive
+    decoding) keeps the edit's amplification and drops those codes."""
     if plausibility <= 0:
         return guided
     logp = cond.float().log_softmax(-1)
