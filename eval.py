@@ -34,7 +34,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError
 from data import ToyEdits
 from model import load_scar
-from sample import DEFAULT_CKPT, SampleError, edit_batch, frozen_parts, text_condition
+from sample import DEFAULT_CKPT, PLAUSIBILITY, SampleError, edit_batch, frozen_parts, text_condition
 
 MAX_PSNR = 60.0
 
@@ -60,8 +60,8 @@ def toy_batches(meta, n, batch, seed, device, split="heldout"):
 
 
 @torch.no_grad()
-def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0, seed=0, device="cpu",
-             plausibility=0.1, split="heldout") -> dict:
+def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu", plausibility=PLAUSIBILITY,
+             split="heldout") -> dict:
     model, meta = load_scar(ckpt)
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
@@ -69,8 +69,8 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, temperature=1.0, top_k=0, top
     success, background, target_psnr, kinds = [], [], [], []
     start = time.perf_counter()
     for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split):
-        out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, temperature, top_k, top_p,
-                         generator, t5=t5, plausibility=plausibility)
+        out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, top_k=top_k, generator=generator,
+                         t5=t5, plausibility=plausibility)
         success.append(edit_success(out, source, target, mask))
         background.append(psnr(out, source, 1 - mask))
         target_psnr.append(psnr(out, target, torch.ones_like(mask)))
@@ -80,7 +80,7 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, temperature=1.0, top_k=0, top
     per_kind = {k: round(100 * success[[i for i, kk in enumerate(kinds) if kk == k]].mean().item(), 1)
                 for k in sorted(set(kinds))}
     return {"checkpoint": str(ckpt), "arch": meta["arch"], "split": split, "n": n, "cfg": cfg,
-            "plausibility": plausibility, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "plausibility": plausibility, "top_k": top_k,
             "seed": seed, "edit_success_pct": round(100 * success.mean().item(), 1),
             "background_psnr_db": round(background.mean().item(), 2), "target_psnr_db": round(target_psnr.mean().item(), 2),
             "images_per_s": round(n / seconds, 2), "edit_success_by_kind_pct": per_kind}
@@ -96,14 +96,14 @@ def token_kinds(codes):
 
 
 @torch.no_grad()
-def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu") -> dict:
+def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="heldout") -> dict:
     model, meta = load_scar(ckpt)
     if meta["arch"] != "next-token":
         raise SampleError(f"{ckpt}: --teacher-forced reads next-token models, this one is {meta['arch']}")
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     right, count = {}, {}
-    for items, source, target, mask in toy_batches(meta, n, batch, seed, device):
+    for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split):
         F_s = dino.features(source, meta["dino"]["layers"], meta["dino"]["size"]).float()
         text, text_mask = text_condition(model, [it["text"] for it in items], t5, device)
         codes = vq.encode(target)  # (B, h, w)
@@ -113,7 +113,7 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu") -> dict:
         for kind, where in token_kinds(vq.encode(source)).items():
             right[kind] = right.get(kind, 0) + (hit & where & kept).sum().item()
             count[kind] = count.get(kind, 0) + (where & kept).sum().item()
-    return {"checkpoint": str(ckpt), "split": "heldout", "n": n, "seed": seed,
+    return {"checkpoint": str(ckpt), "split": split, "n": n, "seed": seed,
             "teacher_forced_accuracy_pct": {k: round(100 * right[k] / max(1, count[k]), 1) for k in right},
             "tokens": count}
 
@@ -125,11 +125,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="held-out edits to evaluate")
     p.add_argument("--batch", type=int, default=25, help="edits generated together")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--plausibility", type=float, default=0.1, help="guidance restricted to plausible codes (as sample.py; "
-                   "0 = plain guidance)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (as sample.py)")
+    p.add_argument("--plausibility", type=float, default=PLAUSIBILITY, help="guidance restricted to plausible codes "
+                   "(as sample.py; 0 = plain guidance)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = all codes)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the sampling")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout",
                    help="train: edits of the training distribution (with a --seed other than training's 0 they are "
@@ -142,14 +140,13 @@ def main(argv=None):
     try:
         if not 0 <= args.plausibility <= 1:
             raise SampleError("--plausibility must be between 0 and 1")
-        result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device) if args.teacher_forced else \
-            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.temperature, args.top_k, args.top_p, args.seed, args.device,
-                     args.plausibility, args.split)
+        result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced else \
+            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility, args.split)
     except (SampleError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if args.teacher_forced:
-        print(f"teacher-forced code accuracy away from the edit, {result['n']} held-out toy edits")
+        print(f"teacher-forced code accuracy away from the edit, {result['n']} {result['split']} toy edits")
         for kind, pct in result["teacher_forced_accuracy_pct"].items():
             print(f"  {kind:<24}{pct:>8.1f} %   ({result['tokens'][kind]} tokens)")
     else:
@@ -166,8 +163,7 @@ def print_table(result):
             ("images / s", f"{result['images_per_s']:.2f}")]
     rows += [(f"  success: {k}", f"{v:.1f} %") for k, v in result["edit_success_by_kind_pct"].items()]
     print(f"{result['arch']} on {result['n']} {result['split']} toy edits (cfg {result['cfg']}, plausibility "
-          f"{result['plausibility']}, temperature {result['temperature']}, top-k {result['top_k']}, "
-          f"top-p {result['top_p']}, seed {result['seed']})")
+          f"{result['plausibility']}, top-k {result['top_k']}, seed {result['seed']})")
     for name, value in rows:
         print(f"  {name:<24}{value:>12}")
 

@@ -136,6 +136,9 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
 
 # ---------------------------------------------------------------- the command line
 
+# The command line's guidance: over plausible codes only (plausible_only; README: the shipped toy model).
+PLAUSIBILITY = 0.1
+
 # The shipped toy model (README: the toy stack); it finds its encoder and tokenizer in ../encoder, ../vq.
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy" / "edit_next_token" / "edit.safetensors"
 
@@ -198,7 +201,7 @@ def text_condition(model, prompts: list[str], t5=None, device="cpu"):
 
 @torch.no_grad()
 def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-               generator=None, progress=False, t5=None, plausibility=0.1):
+               generator=None, progress=False, t5=None, plausibility=PLAUSIBILITY):
     """Images (B, 3, S, S) in [-1, 1] generated from sources x (B, 3, S, S) at the model's resolution S
     (the image to edit, or a control map) and the prompts."""
     F_s = dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
@@ -215,7 +218,7 @@ def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperatur
 
 
 def edit(model, meta, dino, vq, image: Image.Image, prompt: str, n=1, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-         seed=0, device="cpu", t5=None, plausibility=0.1) -> list[Image.Image]:
+         seed=0, device="cpu", t5=None, plausibility=PLAUSIBILITY) -> list[Image.Image]:
     """`n` outputs for `image` (any size or aspect ratio) and `prompt`, at the input's size."""
     square, box = fit_square(image, meta["image_size"])
     x = to_tensor(square)[None].to(device).expand(n, -1, -1, -1)
@@ -263,7 +266,7 @@ def parse_args(argv=None):
     p.add_argument("--text", choices=["bytes", "t5"], help="how the model reads text (default: as it was trained)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder for T5 models (default: the one used in training)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none; EditAR uses 3)")
-    p.add_argument("--plausibility", type=float, default=0.1,
+    p.add_argument("--plausibility", type=float, default=PLAUSIBILITY,
                    help="guidance acts only on codes whose conditional probability is at least this fraction of the "
                         "most likely code's (0 = plain EditAR guidance; see plausible_only)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

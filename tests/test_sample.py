@@ -142,9 +142,9 @@ def test_eval_sampling_flags_reach_the_sampler(ckpts):
     def metrics(**sampling):
         r = evaluation.evaluate(ckpts["next-token"], n=4, batch=4, **sampling)
         return r["edit_success_pct"], r["background_psnr_db"], r["target_psnr_db"]
-    greedy = metrics(top_k=1)
-    assert metrics(top_k=1, temperature=5.0) == greedy == metrics(top_p=1e-6)  # one code left: temperature is moot
-    assert metrics(temperature=5.0) != greedy
+    greedy = metrics(cfg=1.0, top_k=1)  # no guidance: the conditional argmax
+    assert metrics(cfg=3.0, plausibility=1.0) == greedy  # only the conditional argmax is plausible enough
+    assert metrics() != greedy
     assert evaluation.evaluate(ckpts["next-token"], n=2, batch=2, split="train", seed=7)["split"] == "train"
 
 
@@ -162,7 +162,7 @@ def test_guidance_restricted_to_plausible_codes():
 def test_eval_and_sample_default_to_the_same_sampling():
     cli = vars(sample.parse_args(["--image", "x.png", "--prompt", "p"]))
     api = {name: p.default for name, p in inspect.signature(evaluation.evaluate).parameters.items()}
-    for name in ("cfg", "plausibility", "temperature", "top_k", "top_p", "seed"):
+    for name in ("cfg", "plausibility", "top_k", "seed"):
         assert cli[name] == api[name], name
 
 
