@@ -160,6 +160,7 @@ class GPTConfig:
     block_size: int | None = None  # image tokens; None: the number of tokens of each call
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    dropout: float = 0.0  # while training, on the input tokens, the attention and feed-forward outputs (LlamaGen: 0.1)
 
 
 GPT_SIZES = {"GPT-B": (768, 12, 12), "GPT-L": (1024, 24, 16), "GPT-XL": (1280, 36, 20),
@@ -221,10 +222,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention_norm, self.attention = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
         self.ffn_norm, self.feed_forward = RMSNorm(cfg.dim, cfg.norm_eps), FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, cache_pos: int = 0):
-        x = x + self.attention(self.attention_norm(x), rope, mask, cache_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + F.dropout(self.attention(self.attention_norm(x), rope, mask, cache_pos), self.dropout, self.training)
+        return x + F.dropout(self.feed_forward(self.ffn_norm(x)), self.dropout, self.training)
 
 
 class ClassEmbedder(nn.Module):
@@ -359,6 +361,7 @@ class NextTokenTransformer(nn.Module):
         """
         N = tokens.shape[1]
         x = torch.cat([prefix.h, self.tok_embeddings(tokens[:, :-1]).to(prefix.h.dtype)], 1)
+        x = F.dropout(x, self.cfg.dropout, self.training)
         index = torch.arange(N - 1, device=tokens.device)
         rope = torch.cat([prefix.rope.to(tokens.device), self.target_rope(n_tokens or N, index)])
         mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], N - 1, prefix.causal, use_flex(x))

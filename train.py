@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="global batch size per optimiser step")
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="per-process batch of one forward pass (default: batch / processes); the rest is accumulated")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (betas 0.9/0.95, weight decay 0.05)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (betas 0.9/0.95)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the weight matrices (the papers: 0.05)")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="after warmup: constant (the papers' fine-tuning) or cosine decay to 0 at --steps (toy runs from scratch)")
@@ -79,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--dino-size", type=int, default=0, help="DINOv2 input size (0: the image size rounded down "
                    "to the patch size; 448 for 512 px images gives the paper's 32 x 32 features)")
     p.add_argument("--dino-layers", choices=["last", "quarters"], default="last", help="DINOv2 features F_s (DESIGN.md 2)")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="next-token backbone: dropout on its input tokens and on each block's attention and feed-forward "
+                   "outputs while training (LlamaGen's training scripts: 0.1)")
     p.add_argument("--k", type=int, default=2, choices=[1, 2, 4], help="compression per side (k^2 fewer prefix tokens)")
     p.add_argument("--compressor", default="conv+resize", choices=["conv+resize", "resize", "unshuffle"])
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
@@ -105,6 +109,8 @@ def parse_args(argv=None):
         p.error("--data or --toy is required")
     if args.vq_warmup and (args.task != "vq" or args.arch != "next-token"):
         p.error("--vq-warmup is for --task vq --arch next-token")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
         p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
     return args
@@ -203,7 +209,7 @@ class SCARTask:
             return NextScaleTransformer(var_config(a.model, **text, vae_dim=self.vq.cfg.z_channels,
                                                    vocab_size=self.vq.cfg.codebook_size, patch_nums=self.vq.cfg.patch_nums))
         if a.init:
-            backbone = load_llamagen(a.init).train()
+            backbone = load_llamagen(a.init, dropout=a.dropout).train()
             if backbone.cfg.cond == "caption" and a.text != "t5":
                 raise UsageError(f"{a.init} reads T5 caption features: pass --text t5 --t5 FOLDER")
             if backbone.cfg.cond == "class" and a.text == "t5":
@@ -213,7 +219,7 @@ class SCARTask:
             return backbone
         if a.model not in GPT_SIZES:
             raise UsageError(f"unknown next-token size {a.model!r}; choose from {', '.join(GPT_SIZES)}")
-        return NextTokenTransformer(gpt_config(a.model, **text, vocab_size=self.vq.cfg.codebook_size))
+        return NextTokenTransformer(gpt_config(a.model, **text, vocab_size=self.vq.cfg.codebook_size, dropout=a.dropout))
 
     def t5_dim(self) -> int:
         if self.t5 is not None:
@@ -326,11 +332,11 @@ TASKS = {"edit": SCARTask, "control": SCARTask, "vq": VQTask, "encoder": Encoder
 # ---------------------------------------------------------------- optimiser and checkpoint state
 
 
-def make_optimizer(model, lr):
-    """AdamW as the papers: betas 0.9 / 0.95, weight decay 0.05 on matrices only (not norms, biases, embeddings' rows alike)."""
+def make_optimizer(model, lr, weight_decay):
+    """AdamW as the papers: betas 0.9 / 0.95, weight decay on matrices only (not norms, biases, embeddings' rows alike)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
 
 
@@ -425,7 +431,7 @@ def train(args, run: Dist):
     accum = args.batch_size // (micro * run.world)
     task = TASKS[args.task](args, run.device)
     model = task.model
-    opt = make_optimizer(model, args.lr)
+    opt = make_optimizer(model, args.lr, args.weight_decay)
     ckpt = args.out / "checkpoint.safetensors"
     step, epoch, pos = 0, 0, 0
     if args.resume:

@@ -155,10 +155,10 @@ def test_mask_of_the_official_t2i_prefix(t2i):
         assert torch.equal(mask[b, 0], m.bool())
 
 
-def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2):
+def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2, dropout=0.0):
     torch.manual_seed(0)
     backbone = NextTokenTransformer(GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=n_kv, ffn_hidden=128,
-                                              vocab_size=vocab, cond="bytes", text_len=12))
+                                              vocab_size=vocab, cond="bytes", text_len=12, dropout=dropout))
     return SCAR(SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad), backbone)
 
 
@@ -189,6 +189,7 @@ def test_kv_cache_decoding_equals_full_recomputation_with_scar_prefix_and_cfg():
 
 def nn_init_output(model):  # the zero-initialised head would make every logit equal
     torch.nn.init.normal_(model.backbone.output.weight, std=0.5)
+    return model
 
 
 def test_sampled_generation_is_reproducible_and_cache_independent():
@@ -200,6 +201,17 @@ def test_sampled_generation_is_reproducible_and_cache_independent():
                             generator=torch.Generator().manual_seed(7), use_cache=c) for c in (True, False, True)]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     assert runs[0].shape == (2, 16) and runs[0].unique().numel() > 3
+
+
+def test_dropout_acts_while_training_only():
+    plain, dropped = (nn_init_output(tiny_scar(dropout=p)) for p in (0.0, 0.3))  # the same weights
+    b = batch()
+    logits = lambda m: m.backbone.logits(m.prefix((b["F_s"], b["text"]), b["text_mask"]), b["codes"])
+    with torch.no_grad():
+        reference = logits(plain.eval())
+        torch.testing.assert_close(logits(dropped.eval()), reference, atol=0, rtol=0)
+        first, second = logits(dropped.train()), logits(dropped)
+    assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(first, reference, atol=1e-3)
 
 
 def test_tiny_scar_overfits_a_small_batch():
