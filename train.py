@@ -111,6 +111,8 @@ def parse_args(argv=None):
         p.error("--vq-warmup is for --task vq --arch next-token")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
         p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
     return args

@@ -132,10 +132,12 @@ def test_resume_without_checkpoint_is_a_clear_error(frozen, tmp_path, capsys):
     assert exit_.value.code == 2 and "no checkpoint in" in capsys.readouterr().err
 
 
-def test_dropout_out_of_range_is_a_clear_error(frozen, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, message", [("--dropout", "1", "--dropout must be in [0, 1), got 1.0"),
+                                                  ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1")])
+def test_regularisation_out_of_range_is_a_clear_error(frozen, tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_:
-        train.main(args(frozen, tmp_path / "run", "--dropout", "1"))
-    assert exit_.value.code == 2 and "--dropout must be in [0, 1), got 1.0" in capsys.readouterr().err
+        train.main(args(frozen, tmp_path / "run", flag, value))
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
