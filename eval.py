@@ -122,13 +122,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=["toy"], required=True, help="toy: the toy world's held-out split")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model)")
-    p.add_argument("--n", type=int, default=200, help="held-out edits to evaluate")
+    p.add_argument("--n", type=int, default=200, help="edits to evaluate")
     p.add_argument("--batch", type=int, default=25, help="edits generated together")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--plausibility", type=float, default=PLAUSIBILITY, help="guidance restricted to plausible codes "
                    "(as sample.py; 0 = plain guidance)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = all codes)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the sampling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split's edits and of the sampling")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout",
                    help="train: edits of the training distribution (with a --seed other than training's 0 they are "
                         "scenes the model never saw, but (edit, shape, colour) triples it did)")
