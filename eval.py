@@ -15,6 +15,9 @@ PSNRs are computed per image on [0, 1] pixels (capped at 60 dB for identical ima
 (argmax) given the true previous ones, on the tokens the edit leaves alone, by kind: background, a
 shape's first token (a shape token with background to its left and above, the first the raster order
 reaches: only the source can announce it), and the rest of a shape (which its first token implies).
+It also says whether Semantic Alignment Guidance does its job: by edit kind, how far the hidden states H_s
+go from the source's P_s towards the target's P_t on the prefix cells the edit touches (0 % = H_s copies
+the source, 100 % = it reaches the target semantics; edit_progress).
 
     python eval.py --bench toy --ckpt CKPT --split train --seed 7
 
@@ -95,6 +98,13 @@ def token_kinds(codes):
     return {"background": ~shape, "shape, first token": first, "shape, rest": shape & ~first}
 
 
+def edit_progress(H_s, P_s, P_t, cells):  # (B, L_c, D) x3, cells (B, L_c) bool -> two (B,)
+    """How far H_s goes from P_s towards P_t on the cells, as a projection onto the edit's direction:
+    returns <H_s - P_s, P_t - P_s> and |P_t - P_s|^2 summed over the cells (ratio 0 = the source, 1 = the target)."""
+    edit = (P_t - P_s) * cells[..., None]
+    return ((H_s - P_s) * edit).sum((1, 2)), edit.pow(2).sum((1, 2))
+
+
 @torch.no_grad()
 def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="heldout") -> dict:
     model, meta = load_scar(ckpt)
@@ -102,20 +112,28 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
         raise SampleError(f"{ckpt}: --teacher-forced reads next-token models, this one is {meta['arch']}")
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
-    right, count = {}, {}
+    right, count, along, length = {}, {}, {}, {}
     for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split):
-        F_s = dino.features(source, meta["dino"]["layers"], meta["dino"]["size"]).float()
+        F_s, F_t = (dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float() for x in (source, target))
         text, text_mask = text_condition(model, [it["text"] for it in items], t5, device)
         codes = vq.encode(target)  # (B, h, w)
-        logits = model.backbone.logits(model.prefix((F_s, text), text_mask), codes.flatten(1))
-        hit = logits.argmax(-1).view_as(codes) == codes
+        prefix = model.prefix((F_s, text), text_mask)
+        H = model.backbone.hidden(prefix, codes.flatten(1))
+        hit = model.backbone.predict(H, prefix).argmax(-1).view_as(codes) == codes
+        P_s, P_t = (model.proj(model.compressor(f).flatten(1, 2)) for f in (F_s, F_t))  # (B, L_c, D)
+        touched = F.adaptive_max_pool2d(mask, int(P_s.shape[1] ** 0.5)).flatten(1) > 0  # (B, L_c)
+        num, den = edit_progress(H[:, :prefix.n_image], P_s, P_t, touched)
+        for b, it in enumerate(items):
+            along[it["kind"]] = along.get(it["kind"], 0) + num[b].item()
+            length[it["kind"]] = length.get(it["kind"], 0) + den[b].item()
         kept = F.max_pool2d(mask, vq.downsample)[:, 0] == 0  # tokens the edit does not touch
         for kind, where in token_kinds(vq.encode(source)).items():
             right[kind] = right.get(kind, 0) + (hit & where & kept).sum().item()
             count[kind] = count.get(kind, 0) + (where & kept).sum().item()
     return {"checkpoint": str(ckpt), "split": split, "n": n, "seed": seed,
             "teacher_forced_accuracy_pct": {k: round(100 * right[k] / max(1, count[k]), 1) for k in right},
-            "tokens": count}
+            "tokens": count,
+            "align_edit_progress_pct": {k: round(100 * along[k] / length[k], 1) for k in sorted(length) if length[k] > 0}}
 
 
 def main(argv=None):
@@ -149,6 +167,9 @@ def main(argv=None):
         print(f"teacher-forced code accuracy away from the edit, {result['n']} {result['split']} toy edits")
         for kind, pct in result["teacher_forced_accuracy_pct"].items():
             print(f"  {kind:<24}{pct:>8.1f} %   ({result['tokens'][kind]} tokens)")
+        print("L_align: how far H_s goes from P_s towards P_t where the edit is (0 % = the source, 100 % = the target)")
+        for kind, pct in result["align_edit_progress_pct"].items():
+            print(f"  {kind:<24}{pct:>8.1f} %")
     else:
         print_table(result)
     print(json.dumps(result))

@@ -63,7 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="global batch size per optimiser step")
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="per-process batch of one forward pass (default: batch / processes); the rest is accumulated")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (betas 0.9/0.95, weight decay 0.05)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (betas 0.9/0.95)")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay of the weight matrices (the papers: 0.05; README: the toy with 0.5)")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="after warmup: constant (the papers' fine-tuning) or cosine decay to 0 at --steps (toy runs from scratch)")
@@ -86,7 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--compressor", default="conv+resize", choices=["conv+resize", "resize", "unshuffle"])
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
     p.add_argument("--causal", action="store_true", help="plain causal attention (ablation) instead of the prefix mask")
-    p.add_argument("--stop-grad-target", action="store_true", help="no gradient into P_t through L_align")
+    p.add_argument("--stop-grad-target", action="store_true",
+                   help="no gradient into P_t through L_align (on the toy the compressor's output then grows, and "
+                   "L_align with it: README, the shipped toy model)")
     p.add_argument("--text", choices=["bytes", "t5"], default="bytes",
                    help="how T_t reads text: UTF-8 bytes (the toy) or T5 caption features (LlamaGen t2i weights; needs --t5)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder: encodes captions on the fly unless DATA/t5/ holds "
@@ -110,6 +114,8 @@ def parse_args(argv=None):
         p.error("--vq-warmup is for --task vq --arch next-token")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
         p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
     return args
@@ -331,11 +337,11 @@ TASKS = {"edit": SCARTask, "control": SCARTask, "vq": VQTask, "encoder": Encoder
 # ---------------------------------------------------------------- optimiser and checkpoint state
 
 
-def make_optimizer(model, lr):
-    """AdamW as the papers: betas 0.9 / 0.95, weight decay 0.05 on matrices only (not norms, biases, embeddings' rows alike)."""
+def make_optimizer(model, lr, weight_decay):
+    """AdamW as the papers: betas 0.9 / 0.95, weight decay on matrices only (not norms, biases, embeddings' rows alike)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
 
 
@@ -430,7 +436,7 @@ def train(args, run: Dist):
     accum = args.batch_size // (micro * run.world)
     task = TASKS[args.task](args, run.device)
     model = task.model
-    opt = make_optimizer(model, args.lr)
+    opt = make_optimizer(model, args.lr, args.weight_decay)
     ckpt = args.out / "checkpoint.safetensors"
     step, epoch, pos = 0, 0, 0
     if args.resume:

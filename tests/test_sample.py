@@ -185,10 +185,23 @@ def test_teacher_forced_accuracy_counts_the_tokens_away_from_the_edit(ckpts, tmp
     assert set(result["teacher_forced_accuracy_pct"]) == {"background", "shape, first token", "shape, rest"}
     assert all(0 <= v <= 100 for v in result["teacher_forced_accuracy_pct"].values())
     assert 0 < sum(result["tokens"].values()) < 4 * 64  # 4 edits of 8 x 8 codes, less the edited tokens
-    assert "shape, first token" in capsys.readouterr().out
+    assert set(result["align_edit_progress_pct"]) == {evaluation.ToyEdits(4, "heldout", size=32)[i]["kind"] for i in range(4)}
+    out = capsys.readouterr().out
+    assert "shape, first token" in out and "L_align" in out
     with pytest.raises(SystemExit):
         evaluation.main(["--bench", "toy", "--ckpt", str(ckpts["next-scale"]), "--n", "2", "--teacher-forced"])
     assert "--teacher-forced reads next-token models" in capsys.readouterr().err
+
+
+def test_edit_progress_measures_how_far_H_s_goes_towards_the_target():
+    P_s, P_t = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    cells = torch.tensor([[True, True, False, False], [False, True, False, True]])
+    for H_s, share in ((P_s, 0.0), (P_t, 1.0), ((P_s + P_t) / 2, 0.5), (2 * P_t - P_s, 2.0)):
+        along, length = evaluation.edit_progress(H_s, P_s, P_t, cells)
+        assert torch.allclose(along / length, torch.full((2,), share), atol=1e-5)
+    moved = P_s.clone()
+    moved[:, 2] = P_t[:, 2]  # the edit made only where no cell is counted
+    assert torch.allclose(evaluation.edit_progress(moved, P_s, P_t, cells)[0][0], torch.tensor(0.0))
 
 
 def test_psnr_and_success_metrics():

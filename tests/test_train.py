@@ -48,6 +48,19 @@ def test_resume_equals_uninterrupted(frozen, tmp_path, arch):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in logs], abs=1e-5)  # same data order
 
 
+def test_weight_decay_reaches_the_matrices_only():
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, rest = train.make_optimizer(layer, 1e-3, 0.3).param_groups
+    assert decay["weight_decay"] == 0.3 and rest["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [(4, 3)] and len(rest["params"]) == 3
+
+
+def test_weight_decay_flag_reaches_the_optimizer_state(frozen, tmp_path):
+    train.main(args(frozen, tmp_path, "--weight-decay", "0.5", steps=1))
+    groups = read_meta(tmp_path / "checkpoint.safetensors")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+
+
 def test_gradient_accumulation_advances_the_data_by_micro_batches(frozen, tmp_path):
     train.main(args(frozen, tmp_path, "--micro-batch-size", "2", steps=2))
     assert read_meta(tmp_path / "checkpoint.safetensors")["data"] == [0, 8]  # 2 steps x 2 micro-batches x 2
@@ -124,10 +137,12 @@ def test_resume_without_checkpoint_is_a_clear_error(frozen, tmp_path, capsys):
     assert exit_.value.code == 2 and "no checkpoint in" in capsys.readouterr().err
 
 
-def test_dropout_out_of_range_is_a_clear_error(frozen, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, message", [("--dropout", "1", "--dropout must be in [0, 1), got 1.0"),
+                                                  ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1")])
+def test_regularisation_out_of_range_is_a_clear_error(frozen, tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_:
-        train.main(args(frozen, tmp_path / "run", "--dropout", "1"))
-    assert exit_.value.code == 2 and "--dropout must be in [0, 1), got 1.0" in capsys.readouterr().err
+        train.main(args(frozen, tmp_path / "run", flag, value))
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
