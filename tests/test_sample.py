@@ -10,6 +10,7 @@ import eval as evaluation
 import sample
 import train
 from conftest import save_tiny_frozen
+from data import ToyEdits
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_teacher_forced_accuracy_counts_the_tokens_away_from_the_edit(ckpts, tmp
     assert set(result["teacher_forced_accuracy_pct"]) == {"background", "shape, first token", "shape, rest"}
     assert all(0 <= v <= 100 for v in result["teacher_forced_accuracy_pct"].values())
     assert 0 < sum(result["tokens"].values()) < 4 * 64  # 4 edits of 8 x 8 codes, less the edited tokens
-    assert set(result["align_edit_progress_pct"]) == {evaluation.ToyEdits(4, "heldout", size=32)[i]["kind"] for i in range(4)}
+    assert set(result["align_edit_progress_pct"]) == {ToyEdits(4, "heldout", size=32)[i]["kind"] for i in range(4)}
     out = capsys.readouterr().out
     assert "shape, first token" in out and "L_align" in out
     with pytest.raises(SystemExit):
