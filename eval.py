@@ -120,8 +120,9 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
         prefix = model.prefix((F_s, text), text_mask)
         H = model.backbone.hidden(prefix, codes.flatten(1))
         hit = model.backbone.predict(H, prefix).argmax(-1).view_as(codes) == codes
-        P_s, P_t = (model.proj(model.compressor(f).flatten(1, 2)) for f in (F_s, F_t))  # (B, L_c, D)
-        touched = F.adaptive_max_pool2d(mask, int(P_s.shape[1] ** 0.5)).flatten(1) > 0  # (B, L_c)
+        Pk_t = model.compressor(F_t)  # P_k(F_t) (B, h, w, C)
+        P_s, P_t = prefix.h[:, :prefix.n_image], model.proj(Pk_t.flatten(1, 2))  # (B, L_c, D)
+        touched = F.adaptive_max_pool2d(mask, Pk_t.shape[1:3]).flatten(1) > 0  # (B, L_c)
         num, den = edit_progress(H[:, :prefix.n_image], P_s, P_t, touched)
         for b, it in enumerate(items):
             along[it["kind"]] = along.get(it["kind"], 0) + num[b].item()
