@@ -54,9 +54,10 @@ def edit_success(out, source, target, mask):  # (B,) bool
     return to_target < to_source
 
 
-def toy_batches(meta, n, batch, seed, device, split="heldout"):
-    """(items, source, target, mask) of the first n edits of a split, `batch` at a time, with a progress bar."""
-    data = ToyEdits(n, split, size=meta["image_size"], seed=seed)
+def toy_batches(meta, n, batch, seed, device, split="heldout", varied=False):
+    """(items, source, target, mask) of the first n edits of a split, `batch` at a time, with a progress bar;
+    `varied`: the instructions phrased as users type them (data.vary), else as the templates give them."""
+    data = ToyEdits(n, split, size=meta["image_size"], seed=seed, varied=varied)
     for first in tqdm(range(0, n, batch), desc=f"{split} edits"):
         items = [data[i] for i in range(first, min(n, first + batch))]
         yield items, *(torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
@@ -64,14 +65,14 @@ def toy_batches(meta, n, batch, seed, device, split="heldout"):
 
 @torch.no_grad()
 def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu", plausibility=PLAUSIBILITY,
-             split="heldout") -> dict:
+             split="heldout", varied=False) -> dict:
     model, meta = load_scar(ckpt)
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     generator = torch.Generator(device).manual_seed(seed)
     success, background, target_psnr, kinds = [], [], [], []
     start = time.perf_counter()
-    for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split):
+    for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split, varied):
         out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, top_k=top_k, generator=generator,
                          t5=t5, plausibility=plausibility)
         success.append(edit_success(out, source, target, mask))
@@ -82,7 +83,7 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
     success, background, target_psnr = torch.cat(success).float(), torch.cat(background), torch.cat(target_psnr)
     per_kind = {k: round(100 * success[[i for i, kk in enumerate(kinds) if kk == k]].mean().item(), 1)
                 for k in sorted(set(kinds))}
-    return {"checkpoint": str(ckpt), "arch": meta["arch"], "split": split, "n": n, "cfg": cfg,
+    return {"checkpoint": str(ckpt), "arch": meta["arch"], "split": split, "varied": varied, "n": n, "cfg": cfg,
             "plausibility": plausibility, "top_k": top_k,
             "seed": seed, "edit_success_pct": round(100 * success.mean().item(), 1),
             "background_psnr_db": round(background.mean().item(), 2), "target_psnr_db": round(target_psnr.mean().item(), 2),
@@ -151,6 +152,8 @@ def main(argv=None):
     p.add_argument("--split", choices=["heldout", "train"], default="heldout",
                    help="train: edits of the training distribution (with a --seed other than training's 0 they are "
                         "scenes the model never saw, but (edit, shape, colour) triples it did)")
+    p.add_argument("--varied", action="store_true", help="phrase the instructions as users type them: a capital, "
+                   "a closing '.' or '!', a leading 'please ', at random (as the toy models are trained)")
     p.add_argument("--teacher-forced", action="store_true", help="next-token: teacher-forced code accuracy by token "
                    "kind away from the edit, instead of sampling (see above)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -160,7 +163,8 @@ def main(argv=None):
         if not 0 <= args.plausibility <= 1:
             raise SampleError("--plausibility must be between 0 and 1")
         result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced else \
-            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility, args.split)
+            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility, args.split,
+                     args.varied)
     except (SampleError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -184,7 +188,8 @@ def print_table(result):
             ("PSNR vs target", f"{result['target_psnr_db']:.2f} dB"),
             ("images / s", f"{result['images_per_s']:.2f}")]
     rows += [(f"  success: {k}", f"{v:.1f} %") for k, v in result["edit_success_by_kind_pct"].items()]
-    print(f"{result['arch']} on {result['n']} {result['split']} toy edits (cfg {result['cfg']}, plausibility "
+    phrased = ", varied phrasings" if result["varied"] else ""
+    print(f"{result['arch']} on {result['n']} {result['split']} toy edits{phrased} (cfg {result['cfg']}, plausibility "
           f"{result['plausibility']}, top-k {result['top_k']}, seed {result['seed']})")
     for name, value in rows:
         print(f"  {name:<24}{value:>12}")

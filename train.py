@@ -152,7 +152,7 @@ def dataset(args):
             return ToyControl(TOY_SAMPLES, size=args.image_size, seed=args.seed, control=args.control)
         return ControlDataset(args.data, args.image_size, args.control, skip_bad=args.skip_bad, text_features=features)
     if args.toy:
-        return ToyEdits(TOY_SAMPLES, size=args.image_size, seed=args.seed)
+        return ToyEdits(TOY_SAMPLES, size=args.image_size, seed=args.seed, varied=True)
     return EditDataset(args.data, args.image_size, skip_bad=args.skip_bad, text_features=features)
 
 

@@ -10,7 +10,7 @@ from conftest import FIXTURES
 from PIL import Image
 
 from data import (BACKGROUNDS, COLORS, EDITS, HELD_OUT, PLACES, SHAPES, ControlDataset, DataError, EditDataset, ToyControl,
-                  ToyEdits, canny, control_map, edit_mask, load_image, render, shape_mask, to_tensor, toy_edit)
+                  ToyEdits, canny, control_map, edit_mask, load_image, render, shape_mask, to_tensor, toy_edit, vary)
 
 EDIT_FOLDER, CONTROL_FOLDER = FIXTURES / "edit_folder", FIXTURES / "control_folder"
 
@@ -64,6 +64,20 @@ def test_same_seed_same_data_other_seed_other_data():
     for i in range(20):
         assert torch.equal(a[i]["target"], b[i]["target"]) and a[i]["text"] == b[i]["text"]
     assert any(a[i]["text"] != c[i]["text"] for i in range(20))
+
+
+def test_varied_phrasings_keep_the_words_and_fit_the_slots():
+    plain, varied, again = ToyEdits(300), ToyEdits(300, varied=True), ToyEdits(300, varied=True)
+    texts = [varied[i]["text"] for i in range(300)]
+    assert texts == [again[i]["text"] for i in range(300)]  # deterministic by index, so resumed runs match
+    for text, item in zip(texts, (plain[i] for i in range(300))):
+        core = text.removeprefix("please ").removeprefix("Please ").rstrip(".!")
+        assert core.lower() == item["text"].lower() and core[1:] == item["text"][1:]
+        assert len(text.encode()) <= 56
+    assert {t[-1] for t in texts} >= {".", "!"} and any(t[0].isupper() for t in texts)
+    assert sum(t.lower().startswith("please ") for t in texts) > 30
+    assert sum(t == item for t, item in zip(texts, (plain[i]["text"] for i in range(300)))) > 30
+    assert vary("x" * 56, np.random.default_rng(0)) in ("x" * 56, "X" + "x" * 55)  # never past the limit
 
 
 def test_edit_mask_of_background_edits_excludes_the_shapes():

@@ -139,6 +139,15 @@ def test_eval_reports_every_metric(ckpts, tmp_path, capsys):
     assert "--plausibility must be between 0 and 1" in capsys.readouterr().err
 
 
+def test_eval_varied_phrasings_reach_the_model(ckpts, capsys):
+    meta = {"image_size": 32}
+    plain, varied = ([it["text"] for it in next(evaluation.toy_batches(meta, 8, 8, 0, "cpu", varied=v))[0]] for v in (False, True))
+    assert plain != varied and [t.lower() for t in plain] == [t.lower().removeprefix("please ").rstrip(".!") for t in varied]
+    evaluation.main(["--bench", "toy", "--ckpt", str(ckpts["next-token"]), "--n", "2", "--batch", "2", "--varied"])
+    out = capsys.readouterr().out
+    assert "varied phrasings" in out and json.loads(out.splitlines()[-1])["varied"] is True
+
+
 def test_eval_sampling_flags_reach_the_sampler(ckpts):
     def metrics(**sampling):
         r = evaluation.evaluate(ckpts["next-token"], n=4, batch=4, **sampling)

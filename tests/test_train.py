@@ -61,6 +61,12 @@ def test_weight_decay_flag_reaches_the_optimizer_state(frozen, tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
 
 
+def test_toy_editing_trains_on_varied_phrasings(frozen, tmp_path):
+    data = train.dataset(train.parse_args(args(frozen, tmp_path)))
+    texts = [data[i]["text"] for i in range(40)]
+    assert any(t[0].isupper() for t in texts) and any(t.endswith((".", "!")) for t in texts)
+
+
 def test_gradient_accumulation_advances_the_data_by_micro_batches(frozen, tmp_path):
     train.main(args(frozen, tmp_path, "--micro-batch-size", "2", steps=2))
     assert read_meta(tmp_path / "checkpoint.safetensors")["data"] == [0, 8]  # 2 steps x 2 micro-batches x 2
