@@ -497,7 +497,7 @@ def caption(scene: Scene) -> str:
 
 def vary(text: str, rng, limit: int = 56) -> str:
     """The instruction as a user might type it: a capital first letter, a closing "." or "!", a leading
-    "please ", each at random, within `limit` bytes. A byte-reading model trained on the bare templates only
+    "please ", each at random, within `limit` bytes (the toy backbones' text slots). A byte-reading model trained on the bare templates only
     learns where each word sits in its slots: "Make the circle red." then fails (README: the shipped toy model)."""
     if rng.random() < 0.3 and len(text) + 7 <= limit:
         text = "please " + text
