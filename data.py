@@ -496,11 +496,13 @@ def caption(scene: Scene) -> str:
 
 
 def vary(text: str, rng, limit: int = 56) -> str:
-    """The instruction as a user might type it: a capital first letter, a closing "." or "!", a leading
-    "please ", each at random, within `limit` bytes (the toy backbones' text slots). A byte-reading model trained on the bare templates only
-    learns where each word sits in its slots: "Make the circle red." then fails (README: the shipped toy model)."""
-    if rng.random() < 0.3 and len(text) + 7 <= limit:
-        text = "please " + text
+    """The instruction as a user might type it: a leading "please ", a capital first letter, a closing "." or
+    "!", each at random, within `limit` bytes (the toy backbones' text slots). A byte-reading model trained on
+    the bare templates learns where each word sits in its slots, and "Make the circle red." then fails
+    (README: the shipped toy model)."""
+    please = "please "
+    if rng.random() < 0.3 and len(text) + len(please) <= limit:
+        text = please + text
     if rng.random() < 0.5:
         text = text[0].upper() + text[1:]
     end = str(rng.choice(["", "", ".", "!"]))
