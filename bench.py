@@ -10,7 +10,7 @@ prefix  one training step (forward + backward) of next-token SCAR at k = 1, 2, 4
 decode  sampling grid^2 target tokens Z_t (k = 2, CFG) with the KV cache, against recomputing the
         whole sequence at every step; both must give the same tokens.
 
-Random features, codes and bytes stand in for DINOv2, the tokenizer and the instruction: only the
+Random features, codes and words stand in for DINOv2, the tokenizer and the instruction: only the
 shapes matter for cost. Absolute times depend on the machine and its load; the ratios compare rows
 of the same run.
 """
@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from data import toy_vocabulary
 from model import GPT_SIZES, SCAR, NextTokenTransformer, SCARConfig, gpt_config
 from sample import generate_tokens
 
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="toy", choices=list(GPT_SIZES), help="next-token backbone size")
     p.add_argument("--feature-dim", type=int, default=128, help="C of the DINOv2 features (768 for ViT-B)")
     p.add_argument("--grid", type=int, default=8, help="side of F_s and of the target grid (paper: 32); a multiple of 4")
-    p.add_argument("--text-len", type=int, default=56, help="instruction slots T_t")
+    p.add_argument("--text-len", type=int, default=16, help="instruction slots T_t (words of the toy's vocabulary)")
     p.add_argument("--vocab", type=int, default=1024, help="codebook size (LlamaGen: 16384)")
     p.add_argument("--batch", type=int, default=8, help="images per step")
     p.add_argument("--iters", type=int, default=5, help="timed repetitions (the mean is reported)")
@@ -47,15 +48,16 @@ def parse_args(argv=None):
 
 
 def scar(args, k: int) -> SCAR:
-    backbone = NextTokenTransformer(gpt_config(args.model, cond="bytes", text_len=args.text_len, vocab_size=args.vocab))
+    backbone = NextTokenTransformer(gpt_config(args.model, cond="words", words=toy_vocabulary(), text_len=args.text_len,
+                                               vocab_size=args.vocab))
     return SCAR(SCARConfig(feature_dim=args.feature_dim, feature_grid=args.grid, k=k), backbone).to(args.device)
 
 
 def inputs(args):
-    """F_s, F_t (B, g, g, C), text bytes and mask (B, T), codes Z_t (B, g^2)."""
+    """F_s, F_t (B, g, g, C), word ids and mask (B, T), codes Z_t (B, g^2)."""
     g, B, dev = torch.Generator().manual_seed(0), args.batch, args.device
     F_s, F_t = (torch.randn(B, args.grid, args.grid, args.feature_dim, generator=g).to(dev) for _ in range(2))
-    text = torch.randint(1, 256, (B, args.text_len), generator=g).to(dev)
+    text = torch.randint(len(toy_vocabulary()), (B, args.text_len), generator=g).to(dev)
     codes = torch.randint(args.vocab, (B, args.grid ** 2), generator=g).to(dev)
     return F_s, F_t, text, torch.ones(B, args.text_len, dtype=torch.bool, device=dev), codes
 

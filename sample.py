@@ -20,7 +20,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError
 from data import CONTROLS, DataError, control_map, load_image, to_image, to_tensor
 from encoder import load_dinov2, load_t5
-from model import encode_bytes, load_scar
+from model import encode_words, load_scar
 from vq import load_msvq, load_vq
 
 
@@ -175,7 +175,7 @@ def frozen_parts(meta: dict, ckpt: Path, device, t5=None):
         vq = load_msvq(vq_path, patch_nums=tuple(meta["vq"]["patch_nums"])).to(device)
     else:
         vq = load_vq(vq_path).to(device)
-    text = meta.get("text", {"kind": "bytes"})
+    text = meta["text"]
     if text["kind"] != "t5":
         return dino, vq, None
     if t5 is None and "t5" not in text:
@@ -184,7 +184,7 @@ def frozen_parts(meta: dict, ckpt: Path, device, t5=None):
 
 
 def text_condition(model, prompts: list[str], t5=None, device="cpu"):
-    """T_t's input for the prompts -> (text, mask): class ids, T5 caption features, or UTF-8 bytes."""
+    """T_t's input for the prompts -> (text, mask): class ids, T5 caption features, or word ids."""
     cfg = model.backbone.cfg
     if cfg.cond == "class":
         if not all(p.strip().isdigit() and int(p) < cfg.num_classes for p in prompts):
@@ -194,8 +194,8 @@ def text_condition(model, prompts: list[str], t5=None, device="cpu"):
         embs, mask = t5.caption_features(prompts)
         return embs.to(device), mask.bool().to(device)
     try:
-        ids, mask = encode_bytes(prompts, cfg.text_len)
-    except ValueError as e:  # a prompt longer than the model's text slots
+        ids, mask = encode_words(prompts, cfg.words, cfg.text_len)
+    except ValueError as e:  # a word the model never read, or more words than its text slots
         raise SampleError(str(e)) from None
     return ids.to(device), mask.to(device)
 
@@ -264,7 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--control", choices=["map", *CONTROLS],
                    help="controllable generation (a control model): the image is the control map (map), or the map "
                         "is computed from it (canny, softedge, depth)")
-    p.add_argument("--text", choices=["bytes", "t5"], help="how the model reads text (default: as it was trained)")
+    p.add_argument("--text", choices=["words", "t5"], help="how the model reads text (default: as it was trained)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder for T5 models (default: the one used in training)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none; EditAR uses 3)")
     p.add_argument("--plausibility", type=float, default=PLAUSIBILITY,
@@ -298,7 +298,7 @@ def main(argv=None):
             raise SampleError("--plausibility must be between 0 and 1")
         image = load_image(args.image)
         model, meta = load_scar(args.ckpt)
-        kind = meta.get("text", {"kind": "bytes"})["kind"]
+        kind = meta["text"]["kind"]
         if args.text and args.text != kind:
             raise SampleError(f"{args.ckpt}: this model reads text as {kind}, not {args.text}")
         image = source_image(image, args.control, meta.get("task"), args.ckpt)

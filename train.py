@@ -29,15 +29,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_checkpoint, read_meta, save_checkpoint
-from data import T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, read_text_features
+from data import (T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, read_text_features,
+                  toy_vocabulary)
 from encoder import DINOv2, DINOv2Config, load_dinov2, load_t5
-from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_bytes, gpt_config,
-                   load_llamagen, load_var, var_config)
+from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_words, gpt_config,
+                   load_llamagen, load_var, var_config, vocabulary)
 from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq
 
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices
 TOY_DINO = DINOv2Config(dim=128, depth=4, heads=2, ffn_hidden=512, patch_size=8, pos_grid=8)
-TEXT_LEN = {"edit": 56, "control": 80}  # byte slots of the toy's instructions and captions
+TEXT_LEN = {"edit": 16, "control": 24}  # word slots of instructions and captions (the toy's longest: 10, 14)
 SEED_IMAGES = 4096  # --vq-warmup: images whose patches seed the codebook (the toy: all 868 distinct patches)
 
 
@@ -91,8 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--stop-grad-target", action="store_true",
                    help="no gradient into P_t through L_align (on the toy the compressor's output then grows, and "
                    "L_align with it: README, the shipped toy model)")
-    p.add_argument("--text", choices=["bytes", "t5"], default="bytes",
-                   help="how T_t reads text: UTF-8 bytes (the toy) or T5 caption features (LlamaGen t2i weights; needs --t5)")
+    p.add_argument("--text", choices=["words", "t5"], default="words",
+                   help="how T_t reads text: one token per word of the training texts' vocabulary (the toy), or T5 "
+                   "caption features (LlamaGen t2i weights; needs --t5)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder: encodes captions on the fly unless DATA/t5/ holds "
                    "features precomputed by `python data.py t5-features`")
     p.add_argument("--control", default="canny", choices=["canny", "softedge", "depth"], help="control map kind")
@@ -205,13 +207,10 @@ class SCARTask:
 
     def backbone(self):
         a = self.args
-        text = dict(cond="bytes", text_len=TEXT_LEN[a.task])
-        if a.text == "t5":
-            text = dict(cond="caption", text_len=T5_SLOTS, caption_dim=self.t5_dim())
         if self.next_scale:
             if a.init:
                 return load_var(a.init).train()
-            return NextScaleTransformer(var_config(a.model, **text, vae_dim=self.vq.cfg.z_channels,
+            return NextScaleTransformer(var_config(a.model, **self.text_config(), vae_dim=self.vq.cfg.z_channels,
                                                    vocab_size=self.vq.cfg.codebook_size, patch_nums=self.vq.cfg.patch_nums))
         if a.init:
             backbone = load_llamagen(a.init, dropout=a.dropout).train()
@@ -224,7 +223,17 @@ class SCARTask:
             return backbone
         if a.model not in GPT_SIZES:
             raise UsageError(f"unknown next-token size {a.model!r}; choose from {', '.join(GPT_SIZES)}")
-        return NextTokenTransformer(gpt_config(a.model, **text, vocab_size=self.vq.cfg.codebook_size, dropout=a.dropout))
+        return NextTokenTransformer(gpt_config(a.model, **self.text_config(), vocab_size=self.vq.cfg.codebook_size,
+                                               dropout=a.dropout))
+
+    def text_config(self) -> dict:
+        """How a new backbone reads T_t: T5 features, or the words of the training texts (fixed here, stored
+        with the model; the toy's are every word its generator writes)."""
+        a = self.args
+        if a.text == "t5":
+            return dict(cond="caption", text_len=T5_SLOTS, caption_dim=self.t5_dim())
+        words = toy_vocabulary() if a.toy else vocabulary(dataset(a).texts())
+        return dict(cond="words", words=words, text_len=TEXT_LEN[a.task])
 
     def t5_dim(self) -> int:
         if self.t5 is not None:
@@ -247,7 +256,8 @@ class SCARTask:
                 raise UsageError("this backbone reads T5 caption features: pass --text t5 --t5 FOLDER")
             embs, mask = self.t5.caption_features(batch["text"])
             return embs, mask.bool()
-        ids, mask = encode_bytes(batch["text"], self.model.backbone.cfg.text_len)
+        cfg = self.model.backbone.cfg
+        ids, mask = encode_words(batch["text"], cfg.words, cfg.text_len)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
@@ -449,6 +459,9 @@ def train(args, run: Dist):
     ddp = DDP(model) if run.world > 1 else model
     fwd = torch.compile(ddp) if args.compile else ddp
     data = dataset(args)
+    if len(data) // run.world < micro:  # drop_last would leave every epoch empty
+        raise UsageError(f"{len(data)} samples give no micro-batch of {micro} on each of {run.world} processes: "
+                         "lower --batch-size")
     log = open(args.out / "log.jsonl", "a") if run.rank == 0 else None
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.task} {args.arch}", disable=run.rank != 0, dynamic_ncols=True)
     model.train()  # the frozen DINOv2 and tokenizer stay in eval mode

@@ -10,7 +10,9 @@ from conftest import FIXTURES
 from PIL import Image
 
 from data import (BACKGROUNDS, COLORS, EDITS, HELD_OUT, PLACES, SHAPES, ControlDataset, DataError, EditDataset, ToyControl,
-                  ToyEdits, canny, control_map, edit_mask, load_image, render, shape_mask, to_tensor, toy_edit, vary)
+                  ToyEdits, canny, control_map, edit_mask, load_image, render, shape_mask, to_tensor, toy_edit, toy_vocabulary)
+from model import encode_words, words_of
+from train import TEXT_LEN
 
 EDIT_FOLDER, CONTROL_FOLDER = FIXTURES / "edit_folder", FIXTURES / "control_folder"
 
@@ -66,18 +68,25 @@ def test_same_seed_same_data_other_seed_other_data():
     assert any(a[i]["text"] != c[i]["text"] for i in range(20))
 
 
-def test_varied_phrasings_keep_the_words_and_fit_the_slots():
+def test_varied_phrasings_keep_the_words():
     plain, varied, again = ToyEdits(300), ToyEdits(300, varied=True), ToyEdits(300, varied=True)
     texts = [varied[i]["text"] for i in range(300)]
     assert texts == [again[i]["text"] for i in range(300)]  # deterministic by index, so resumed runs match
     for text, item in zip(texts, (plain[i] for i in range(300))):
         core = text.removeprefix("please ").removeprefix("Please ").rstrip(".!")
         assert core.lower() == item["text"].lower() and core[1:] == item["text"][1:]
-        assert len(text.encode()) <= 56
+        assert words_of(core) == words_of(item["text"])
     assert {t[-1] for t in texts} >= {".", "!"} and any(t[0].isupper() for t in texts)
     assert sum(t.lower().startswith("please ") for t in texts) > 30
     assert sum(t == item for t, item in zip(texts, (plain[i]["text"] for i in range(300)))) > 30
-    assert vary("x" * 56, np.random.default_rng(0)) in ("x" * 56, "X" + "x" * 55)  # never past the limit
+
+
+def test_toy_vocabulary_holds_every_word_the_toy_world_writes():
+    edits = [ToyEdits(500, split, varied=True)[i]["text"] for split in ("train", "heldout") for i in range(500)]
+    captions = [ToyControl(200)[i]["text"] for i in range(200)]
+    assert set(toy_vocabulary()) == {w for t in edits + captions for w in words_of(t)}  # none missing, none unused
+    encode_words(edits, toy_vocabulary(), TEXT_LEN["edit"])  # raises on an unknown word or a text too long
+    encode_words(captions, toy_vocabulary(), TEXT_LEN["control"])
 
 
 def test_edit_mask_of_background_edits_excludes_the_shapes():

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from checkpoint import CheckpointError
 from compressor import SemanticCompressor
-from model import (SCAR, GPTConfig, NextTokenTransformer, SCARConfig, attention_mask, encode_bytes, gpt_config,
-                   grid_rope, llamagen_from_state_dict, load_llamagen)
+from model import (SCAR, GPTConfig, NextTokenTransformer, SCARConfig, attention_mask, encode_words, gpt_config,
+                   grid_rope, llamagen_from_state_dict, load_llamagen, vocabulary)
 from sample import generate_tokens
 
 C2I, T2I = FIXTURES / "llamagen_gpt_c2i", FIXTURES / "llamagen_gpt_t2i"
@@ -155,16 +155,19 @@ def test_mask_of_the_official_t2i_prefix(t2i):
         assert torch.equal(mask[b, 0], m.bool())
 
 
+WORDS = vocabulary(["make it blue", "remove", "paint it red", "add a disc"])
+
+
 def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2, dropout=0.0):
     torch.manual_seed(0)
     backbone = NextTokenTransformer(GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=n_kv, ffn_hidden=128,
-                                              vocab_size=vocab, cond="bytes", text_len=12, dropout=dropout))
+                                              vocab_size=vocab, cond="words", words=WORDS, text_len=12, dropout=dropout))
     return SCAR(SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad), backbone)
 
 
 def batch(B=2, seed=0, vocab=64):
     g = torch.Generator().manual_seed(seed)
-    ids, mask = encode_bytes(["make it blue", "remove"][:B] * (B // 2 or 1), 12)
+    ids, mask = encode_words(["make it blue", "remove"][:B] * (B // 2 or 1), WORDS, 12)
     return dict(F_s=torch.randn(B, 4, 4, 16, generator=g), F_t=torch.randn(B, 4, 4, 16, generator=g),
                 text=ids, text_mask=mask, codes=torch.randint(0, vocab, (B, 16), generator=g))
 
@@ -246,7 +249,7 @@ def test_align_loss_reaches_the_target_path_unless_stopped(stop_grad):
 def test_prefix_hidden_states_see_the_text_only_with_the_papers_mask(causal):
     model = tiny_scar(causal=causal).eval()
     b = batch()
-    other, other_mask = encode_bytes(["paint it red", "add a disc"], 12)
+    other, other_mask = encode_words(["paint it red", "add a disc"], WORDS, 12)
     with torch.no_grad():
         H = [model.backbone.hidden(model.prefix((b["F_s"], t), m), b["codes"])[:, :4]
              for t, m in ((b["text"], b["text_mask"]), (other, other_mask))]
@@ -290,8 +293,12 @@ def test_scar_from_official_backbone_reports_new_parameters(t2i):
     assert set(losses) == {"ce", "pres", "align", "loss"} and torch.isfinite(losses["loss"])
 
 
-def test_encode_bytes_pads_left_and_refuses_long_text():
-    ids, mask = encode_bytes(["ab", "é"], 4)
-    assert ids.tolist() == [[0, 0, 97, 98], [0, 0, 0xC3, 0xA9]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+def test_encode_words_pads_left_ignores_case_and_punctuation_refuses_unknown_and_long_text():
+    assert WORDS == ("a", "add", "blue", "disc", "it", "make", "paint", "red", "remove")
+    ids, mask = encode_words(["Paint it RED!", "remove.", "  "], WORDS, 4)
+    assert ids.tolist() == [[0, 6, 4, 7], [0, 0, 0, 8], [0, 0, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="unknown word 'crimson'"):
+        encode_words(["paint it crimson"], WORDS, 4)
     with pytest.raises(ValueError, match="at most 4"):
-        encode_bytes(["hello"], 4)
+        encode_words(["add a red disc a"], WORDS, 4)

@@ -8,8 +8,8 @@ from conftest import FIXTURES, assert_flex_matches_sdpa
 from safetensors.torch import load_file
 
 from checkpoint import CheckpointError
-from model import (SCAR, NextScaleTransformer, SCARConfig, attention_mask, encode_bytes, load_var, var_config,
-                   var_from_state_dict)
+from model import (SCAR, NextScaleTransformer, SCARConfig, attention_mask, encode_words, load_var, var_config,
+                   var_from_state_dict, vocabulary)
 from sample import generate_scales
 from vq import MSVQConfig, MultiScaleVQVAE, load_msvq
 
@@ -114,11 +114,12 @@ def test_mask_with_a_prefix_and_three_scales():
 
 
 PATCH_NUMS = (1, 2, 4)
+WORDS = vocabulary(["make it blue", "remove", "paint it red", "add a disc"])
 
 
 def tiny(causal=False):
     torch.manual_seed(0)
-    backbone = NextScaleTransformer(var_config("toy", dim=64, depth=2, n_head=4, cond="bytes", text_len=12,
+    backbone = NextScaleTransformer(var_config("toy", dim=64, depth=2, n_head=4, cond="words", words=WORDS, text_len=12,
                                                vae_dim=8, vocab_size=32, patch_nums=PATCH_NUMS))
     vae = MultiScaleVQVAE(MSVQConfig(ch=32, ch_mult=(1, 1), z_channels=8, codebook_size=32, patch_nums=PATCH_NUMS,
                                      num_res_blocks=1)).eval()
@@ -127,7 +128,7 @@ def tiny(causal=False):
 
 def batch(vae, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids, mask = encode_bytes(["make it blue", "remove"] * (B // 2), 12)
+    ids, mask = encode_words(["make it blue", "remove"] * (B // 2), WORDS, 12)
     codes = [torch.randint(0, 32, (B, p, p), generator=g) for p in PATCH_NUMS]
     return dict(F_s=torch.randn(B, 4, 4, 16, generator=g), F_t=torch.randn(B, 4, 4, 16, generator=g), text=ids,
                 text_mask=mask, codes=torch.cat([c.flatten(1) for c in codes], 1),
@@ -201,7 +202,7 @@ def test_prefix_states_see_the_text_only_with_the_papers_mask(causal):
     model, vae = tiny(causal)
     randomise_adaln(model)
     b, _ = batch(vae)
-    other, other_mask = encode_bytes(["paint it red", "add a disc"], 12)
+    other, other_mask = encode_words(["paint it red", "add a disc"], WORDS, 12)
     with torch.no_grad():
         # the AdaLN condition (pooled text) reaches every position, so compare before the final AdaLN
         H = []

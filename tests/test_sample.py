@@ -9,6 +9,7 @@ from PIL import Image
 import eval as evaluation
 import sample
 import train
+from checkpoint import read_checkpoint, read_meta, save_checkpoint
 from conftest import save_tiny_frozen
 from data import ToyEdits
 
@@ -82,7 +83,8 @@ def test_kv_cache_gives_the_same_tokens_on_a_saved_model(ckpts):
     model, meta = sample.load_scar(ckpts["next-token"])
     torch.nn.init.normal_(model.backbone.output.weight, std=0.5)  # one training step leaves the head near zero
     F_s = torch.randn(2, 4, 4, 64)
-    ids, mask = sample.encode_bytes(["make it red", "remove"], model.backbone.cfg.text_len)
+    ids, mask = sample.encode_words(["make the circle red", "remove the square"], model.backbone.cfg.words,
+                                    model.backbone.cfg.text_len)
     runs = [sample.generate_tokens(model, (F_s, ids), 64, mask, cfg=3.0, top_k=8,
                                    generator=torch.Generator().manual_seed(1), use_cache=c) for c in (True, False)]
     assert torch.equal(runs[0], runs[1])
@@ -94,9 +96,11 @@ def test_kv_cache_gives_the_same_tokens_on_a_saved_model(ckpts):
     ("unreadable", "not a readable image"),
     ("empty", "the prompt is empty"),
     ("blank", "the prompt is empty"),
-    ("long", "this model reads at most 56"),
+    ("long", "this model reads at most 16"),
+    ("unknown-word", "unknown word 'crimson'"),
     ("no-ckpt", "no such file"),
     ("foreign-ckpt", "not a SCAR checkpoint"),
+    ("byte-ckpt", "cond must be 'class', 'caption' or 'words', got 'bytes'"),
     ("plausibility", "--plausibility must be between 0 and 1"),
 ])
 def test_bad_inputs_exit_2_and_write_nothing(ckpts, drawing, tmp_path, capsys, case, message):
@@ -115,10 +119,17 @@ def test_bad_inputs_exit_2_and_write_nothing(ckpts, drawing, tmp_path, capsys, c
         prompt = "   \t"
     if case == "long":
         prompt = "make the circle blue " * 5
+    if case == "unknown-word":
+        prompt = "make the circle crimson"
     if case == "no-ckpt":
         ckpt = str(tmp_path / "none.safetensors")
     if case == "foreign-ckpt":
         ckpt = str(ckpts["next-token"].parent.parent / "vq.safetensors")
+    if case == "byte-ckpt":  # written before the toy models read words
+        tensors, meta = read_checkpoint(ckpts["next-token"])[0], read_meta(ckpts["next-token"])
+        meta["backbone"]["cond"] = "bytes"
+        ckpt = str(tmp_path / "old.safetensors")
+        save_checkpoint(ckpt, tensors, meta)
     out = tmp_path / "out.png"
     with pytest.raises(SystemExit) as exit_:
         sample.main(["--image", image, "--prompt", prompt, "--ckpt", ckpt, "--out", str(out), *extra])

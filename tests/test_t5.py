@@ -120,6 +120,6 @@ def test_sample_with_a_t5_model(tmp_path, capsys):
         assert (tmp_path / "out.png").is_file()
         (tmp_path / "out.png").unlink()
     with pytest.raises(SystemExit):
-        sample.main(["--image", str(image), "--prompt", "x", "--ckpt", str(ckpt), "--text", "bytes",
+        sample.main(["--image", str(image), "--prompt", "x", "--ckpt", str(ckpt), "--text", "words",
                      "--out", str(tmp_path / "out.png")])
-    assert "reads text as t5, not bytes" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
+    assert "reads text as t5, not words" in capsys.readouterr().err and not (tmp_path / "out.png").exists()

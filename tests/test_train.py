@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, save_tiny_frozen
+from conftest import FIXTURES, ROOT, save_tiny_frozen
 
 import model as model_module
 import train
 from checkpoint import read_checkpoint, read_meta
+from data import toy_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,28 @@ def test_toy_editing_trains_on_varied_phrasings(frozen, tmp_path):
     data = train.dataset(train.parse_args(args(frozen, tmp_path)))
     texts = [data[i]["text"] for i in range(40)]
     assert any(t[0].isupper() for t in texts) and any(t.endswith((".", "!")) for t in texts)
+
+
+@pytest.mark.parametrize("toy", [True, False])
+def test_the_model_stores_the_vocabulary_it_reads(frozen, tmp_path, toy):
+    """--toy: every word the toy world writes; --data: the words of the folder's instructions."""
+    folder = FIXTURES / "edit_folder"
+    source = [] if toy else ["--data", str(folder)]
+    run = [a for a in args(frozen, tmp_path, steps=1) if a != "--toy"] + (["--toy"] if toy else source)
+    train.main(run + ["--batch-size", "2"])  # the folder holds 3 edits
+    manifest = [json.loads(line)["instruction"] for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    expected = toy_vocabulary() if toy else model_module.vocabulary(manifest)
+    model, meta = model_module.load_scar(tmp_path / "edit.safetensors")
+    assert tuple(meta["backbone"]["words"]) == expected == model.backbone.cfg.words
+    assert model.backbone.cls_embedding.embedding.num_embeddings == len(expected) + 1  # and the null id
+
+
+def test_data_smaller_than_a_batch_is_a_clear_error(frozen, tmp_path, capsys):
+    run = [a for a in args(frozen, tmp_path, steps=1) if a != "--toy"] + ["--data", str(FIXTURES / "edit_folder")]
+    with pytest.raises(SystemExit) as exit_:
+        train.main(run)  # 3 edits, batches of 4
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "3 samples give no micro-batch of 4" in err and "Traceback" not in err
 
 
 def test_gradient_accumulation_advances_the_data_by_micro_batches(frozen, tmp_path):
@@ -188,7 +211,6 @@ def test_init_from_an_official_backbone_on_labelled_control_data(tmp_path, capsy
     """--init with the official-format c2i GPT: class labels condition it, the new SCAR parts are reported."""
     import shutil
 
-    from conftest import FIXTURES
     folder = tmp_path / "control"
     shutil.copytree(FIXTURES / "control_folder", folder)
     (folder / "manifest.jsonl").write_text('{"image": "a.png", "label": 1}\n{"image": "b.png", "label": 7}\n')
