@@ -285,8 +285,8 @@ class EditDataset(FolderDataset):
             mask = torch.ones(1, self.size, self.size)
         return {"source": source, "target": target, "mask": mask, "text": str(record["instruction"])}
 
-    def texts(self) -> list[str]:
-        return [str(record["instruction"]) for _, record in self.records]
+    def words(self) -> tuple[str, ...]:  # the vocabulary a word-reading model trained on this folder needs
+        return vocabulary(str(record["instruction"]) for _, record in self.records)
 
 
 class ControlDataset(FolderDataset):
@@ -315,8 +315,8 @@ class ControlDataset(FolderDataset):
             item["label"] = int(record["label"])
         return item
 
-    def texts(self) -> list[str]:
-        return [str(record["caption"]) for _, record in self.records if "caption" in record]
+    def words(self) -> tuple[str, ...]:
+        return vocabulary(str(record["caption"]) for _, record in self.records if "caption" in record)
 
 
 # ---------------------------------------------------------------- the toy world
@@ -539,6 +539,9 @@ class ToyEdits(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
+    def words(self) -> tuple[str, ...]:
+        return toy_vocabulary()
+
     def __getitem__(self, i):
         edit = toy_edit(i, self.split, self.seed)
         text = vary(edit.text, np.random.default_rng([self.seed, SPLITS[self.split], i, 1])) if self.varied else edit.text
@@ -557,6 +560,9 @@ class ToyControl(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.n
+
+    def words(self) -> tuple[str, ...]:
+        return toy_vocabulary()
 
     def __getitem__(self, i):
         scene = random_scene(np.random.default_rng([self.seed, 2 + SPLITS[self.split], i]))

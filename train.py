@@ -29,11 +29,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_checkpoint, read_meta, save_checkpoint
-from data import (T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, read_text_features,
-                  toy_vocabulary)
+from data import T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, read_text_features
 from encoder import DINOv2, DINOv2Config, load_dinov2, load_t5
 from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_words, gpt_config,
-                   load_llamagen, load_var, var_config, vocabulary)
+                   load_llamagen, load_var, var_config)
 from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq
 
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices
@@ -174,7 +173,7 @@ def collate(items):
 class SCARTask:
     """SCAR on precomputed-per-step frozen features: F_s, F_t from DINOv2, Z_t from the tokenizer."""
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, data):
         self.args, self.device = args, device
         self.dino = load_dinov2(args.dino).to(device)
         self.t5 = load_t5(args.t5).to(device) if args.text == "t5" and not precomputed_text(args) else None
@@ -188,7 +187,7 @@ class SCARTask:
         C = self.dino.cfg.dim * (4 if args.dino_layers == "quarters" else 1)
         scar_cfg = SCARConfig(feature_dim=C, feature_grid=grid, k=args.k, compressor=args.compressor,
                               delta=args.delta, stop_grad_target=args.stop_grad_target, causal=args.causal)
-        self.model = SCAR(scar_cfg, self.backbone()).to(device)
+        self.model = SCAR(scar_cfg, self.backbone(data)).to(device)
         if args.init and int(os.environ.get("RANK", 0)) == 0:
             print(f"{args.init}: backbone loaded; newly initialised: {', '.join(self.model.new_parameter_names())}",
                   file=sys.stderr)
@@ -205,12 +204,12 @@ class SCARTask:
         self.tokens = sum(self.model.backbone.blocks_of_scales) if self.next_scale else \
             (args.image_size // self.vq.downsample) ** 2  # target tokens per sample
 
-    def backbone(self):
+    def backbone(self, data):
         a = self.args
         if self.next_scale:
             if a.init:
                 return load_var(a.init).train()
-            return NextScaleTransformer(var_config(a.model, **self.text_config(), vae_dim=self.vq.cfg.z_channels,
+            return NextScaleTransformer(var_config(a.model, **self.text_config(data), vae_dim=self.vq.cfg.z_channels,
                                                    vocab_size=self.vq.cfg.codebook_size, patch_nums=self.vq.cfg.patch_nums))
         if a.init:
             backbone = load_llamagen(a.init, dropout=a.dropout).train()
@@ -223,17 +222,16 @@ class SCARTask:
             return backbone
         if a.model not in GPT_SIZES:
             raise UsageError(f"unknown next-token size {a.model!r}; choose from {', '.join(GPT_SIZES)}")
-        return NextTokenTransformer(gpt_config(a.model, **self.text_config(), vocab_size=self.vq.cfg.codebook_size,
+        return NextTokenTransformer(gpt_config(a.model, **self.text_config(data), vocab_size=self.vq.cfg.codebook_size,
                                                dropout=a.dropout))
 
-    def text_config(self) -> dict:
+    def text_config(self, data) -> dict:
         """How a new backbone reads T_t: T5 features, or the words of the training texts (fixed here, stored
         with the model; the toy's are every word its generator writes)."""
         a = self.args
         if a.text == "t5":
             return dict(cond="caption", text_len=T5_SLOTS, caption_dim=self.t5_dim())
-        words = toy_vocabulary() if a.toy else vocabulary(dataset(a).texts())
-        return dict(cond="words", words=words, text_len=TEXT_LEN[a.task])
+        return dict(cond="words", words=data.words(), text_len=TEXT_LEN[a.task])
 
     def t5_dim(self) -> int:
         if self.t5 is not None:
@@ -283,7 +281,7 @@ class SCARTask:
 class VQTask:
     """A toy tokenizer on the images of the data (sources and targets)."""
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, data):
         self.args = args
         if args.arch == "next-scale":
             self.model = MultiScaleVQVAE(MSVQ_SIZES["toy"]).to(device)
@@ -329,7 +327,7 @@ class MaskedPatchPretraining(nn.Module):
 
 
 class EncoderTask:
-    def __init__(self, args, device):
+    def __init__(self, args, device, data):
         self.device, self.tokens = device, 0
         self.model = MaskedPatchPretraining(TOY_DINO).to(device)
         self.meta = {"kind": "dinov2", "config": asdict(TOY_DINO)}
@@ -444,7 +442,11 @@ def train(args, run: Dist):
     if micro < 1 or args.batch_size % (micro * run.world):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of micro batch {micro} x {run.world} processes")
     accum = args.batch_size // (micro * run.world)
-    task = TASKS[args.task](args, run.device)
+    data = dataset(args)
+    if len(data) // run.world < micro:  # drop_last would leave every epoch empty
+        raise UsageError(f"{len(data)} samples give no micro-batch of {micro} on each of {run.world} processes: "
+                         "lower --batch-size")
+    task = TASKS[args.task](args, run.device, data)  # SCAR: a word-reading backbone takes its vocabulary from data
     model = task.model
     opt = make_optimizer(model, args.lr, args.weight_decay)
     ckpt = args.out / "checkpoint.safetensors"
@@ -458,10 +460,6 @@ def train(args, run: Dist):
         set_rng_states(tensors, run)
     ddp = DDP(model) if run.world > 1 else model
     fwd = torch.compile(ddp) if args.compile else ddp
-    data = dataset(args)
-    if len(data) // run.world < micro:  # drop_last would leave every epoch empty
-        raise UsageError(f"{len(data)} samples give no micro-batch of {micro} on each of {run.world} processes: "
-                         "lower --batch-size")
     log = open(args.out / "log.jsonl", "a") if run.rank == 0 else None
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.task} {args.arch}", disable=run.rank != 0, dynamic_ncols=True)
     model.train()  # the frozen DINOv2 and tokenizer stay in eval mode
