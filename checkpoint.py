@@ -73,13 +73,13 @@ def check_state_dict(sd: dict, expected: dict, path, what: str) -> None:
     unexpected = [k for k in sd if k not in expected]
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k])})"
              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
-    problems = [f"{label} {_few(keys)}" for label, keys in
+    problems = [f"{label} {few(keys)}" for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
     if problems:
         raise CheckpointError(f"{path}: does not match the {what} layout: {'; '.join(problems)}")
 
 
-def _few(items: list[str], n: int = 4) -> str:
+def few(items: list[str], n: int = 4) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
@@ -95,10 +95,10 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        refused = re.search(r"GLOBAL (\S+)", str(e))  # torch's wording changes between versions; the name does not
         if refused:
-            raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it: it pickles "
-                                  f"{refused.group(1)}, not just tensors (re-save the state dict alone)") from None
+            raise CheckpointError(f"{path}: refuses to run code: it pickles {refused.group(1)}, which "
+                                  "torch.load(weights_only=True) never calls (re-save the state dict alone)") from None
         raise CheckpointError(f"{path}: corrupt checkpoint ({_first_line(e)})") from None
     except EOFError:
         raise CheckpointError(f"{path}: truncated checkpoint (unexpected end of file)") from None
@@ -123,7 +123,7 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-        raise CheckpointError(f"{path}: holds no tensors (top-level keys: {_few([str(k) for k in obj])})")
+        raise CheckpointError(f"{path}: holds no tensors (top-level keys: {few([str(k) for k in obj])})")
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
 
 
@@ -164,4 +164,12 @@ def read_meta(path) -> dict:
             meta = (f.metadata() or {}).get("meta")
     except SafetensorError as e:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({e})") from None
-    return json.loads(meta) if meta else {}
+    if not meta:
+        return {}
+    try:
+        meta = json.loads(meta)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its metadata is not valid JSON ({e.msg})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is a JSON {type(meta).__name__}, not an object")
+    return meta

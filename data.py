@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 from model import vocabulary
 
-Image.MAX_IMAGE_PIXELS = 20_000 ** 2  # refuse decompression bombs, accept any real photo
+MAX_PIXELS = 100_000_000  # larger images are refused: a 625-megapixel PNG of 111 kB took 7.5 GB and 72 s to edit
+Image.MAX_IMAGE_PIXELS = None  # load_image checks MAX_PIXELS itself, before decoding (Pillow's check would warn first)
 
 
 class DataError(ValueError):
@@ -33,16 +35,21 @@ class DataError(ValueError):
 
 
 def load_image(path) -> Image.Image:
-    """Any image Pillow reads, as 8-bit RGB: EXIF orientation applied, transparency composited on
-    white, 16-bit and CMYK converted."""
+    """Any image Pillow reads, of at most MAX_PIXELS pixels, as 8-bit RGB: EXIF orientation applied,
+    transparency composited on white, 16-bit and CMYK converted."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}")
-    try:
+    try:  # every image the project reads is opened here
         with Image.open(path) as img:
+            w, h = img.size  # read from the header: the pixels are not decoded yet
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{path}: {w} x {h} pixels is more than the limit of {MAX_PIXELS // 10 ** 6} megapixels")
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
         scale = 255 / 65535 if img.mode.startswith("I;16") else 255 / max(int(np.asarray(img).max()), 1)
@@ -161,8 +168,12 @@ def read_manifest(folder, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     path = Path(folder) / "manifest.jsonl"
     if not path.is_file():
         raise DataError(f"{folder}: no manifest.jsonl (one JSON record per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the manifest as UTF-8") from None
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -203,12 +214,19 @@ def write_text_features(folder, t5_folder, batch: int = 16) -> int:
     """Encode every record's instruction (or caption) of a manifest folder with T5 into FOLDER/t5/<line>.npy,
     each file written atomically; returns the number written."""
     from encoder import load_t5  # only this command needs the text encoder
+    if batch < 1:
+        raise DataError(f"--batch must be at least 1, got {batch}")
     folder = Path(folder)
     records = [(n, r.get("instruction", r.get("caption"))) for n, r in read_manifest(folder, ())]
-    t5 = load_t5(t5_folder).to("cuda" if torch.cuda.is_available() else "cpu")
-    records = [(n, str(text)) for n, text in records if text is not None]
     out = folder / T5_DIR
-    out.mkdir(exist_ok=True)
+    try:  # before the encoder loads: a folder that cannot take the features is known at once
+        with tempfile.TemporaryFile(dir=out if out.is_dir() else folder):
+            pass
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the features there ({e.strerror})") from None
+    t5 = load_t5(t5_folder).to("cuda" if torch.cuda.is_available() else "cpu")
+    out.mkdir(exist_ok=True)  # only now: train.py reads the features of any DATA/t5/ there is
+    records = [(n, str(text)) for n, text in records if text is not None]
     for first in tqdm(range(0, len(records), batch), desc="T5 features", unit="batch"):
         chunk = records[first:first + batch]
         embs, mask = t5.caption_features([text for _, text in chunk])
@@ -232,6 +250,10 @@ class FolderDataset(torch.utils.data.Dataset):
         self.text_features = text_features  # read FOLDER/t5/<line>.npy (written by `python data.py t5-features`)
         self.records, skipped = [], 0
         for n, record in read_manifest(folder, self.required):
+            for key in self.image_keys:  # required paths are strings; optional ones strings, null or absent
+                if not isinstance(record.get(key, ""), str) or (key in self.required and not record[key]):
+                    raise DataError(f"{self.manifest}:{n}: {key!r} must be a path (a non-empty string), "
+                                    f"got {json.dumps(record[key])}")
             missing = [record[k] for k in self.image_keys if record.get(k) and not (self.folder / record[k]).is_file()]
             if missing and not skip_bad:
                 raise DataError(f"{self.manifest}:{n}: image {self.folder / missing[0]} is missing")
@@ -304,6 +326,9 @@ class ControlDataset(FolderDataset):
         for n, record in self.records:
             if "caption" not in record and "label" not in record:
                 raise DataError(f"{self.manifest}:{n}: record needs a caption or a label")
+            label = record.get("label", 0)
+            if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+                raise DataError(f"{self.manifest}:{n}: 'label' must be a class id (an integer >= 0), got {json.dumps(label)}")
 
     def read(self, n, record):
         target = self.image(n, record["image"])
@@ -578,6 +603,7 @@ def main(argv=None):
     p.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl")
     p.add_argument("--t5", type=Path, required=True, help="Hugging Face google/flan-t5-* folder (with spiece.model)")
     p.add_argument("--batch", type=int, default=16, help="captions encoded together")
+    p.error = lambda message: p.exit(2, f"error: {message} (data.py --help lists the flags)\n")  # one line, no usage
     args = p.parse_args(argv)
     from checkpoint import CheckpointError
     try:

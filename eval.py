@@ -26,6 +26,7 @@ model never saw, but (edit, shape, colour) triples it did; the held-out split's 
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import ToyEdits
+from data import DataError, ToyEdits
 from model import load_scar
-from sample import DEFAULT_CKPT, PLAUSIBILITY, SampleError, edit_batch, frozen_parts, text_condition
+from sample import (DEFAULT_CKPT, PLAUSIBILITY, SampleError, check_device, check_sampling, edit_batch, frozen_parts,
+                    text_condition)
 
 MAX_PSNR = 60.0
 
@@ -63,10 +65,18 @@ def toy_batches(meta, n, batch, seed, device, split="heldout", varied=False):
         yield items, *(torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
 
 
+def load_editor(ckpt: Path):
+    """A SCAR editing model and its config; a control model cannot be scored on edits."""
+    model, meta = load_scar(ckpt)
+    if meta["task"] != "edit":
+        raise SampleError(f"{ckpt}: a {meta['task']} model; --bench toy scores editing models")
+    return model, meta
+
+
 @torch.no_grad()
 def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu", plausibility=PLAUSIBILITY,
              split="heldout", varied=False) -> dict:
-    model, meta = load_scar(ckpt)
+    model, meta = load_editor(ckpt)
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     generator = torch.Generator(device).manual_seed(seed)
@@ -108,7 +118,7 @@ def edit_progress(H_s, P_s, P_t, cells):  # (B, L_c, D) x3, cells (B, L_c) bool 
 
 @torch.no_grad()
 def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="heldout") -> dict:
-    model, meta = load_scar(ckpt)
+    model, meta = load_editor(ckpt)
     if meta["arch"] != "next-token":
         raise SampleError(f"{ckpt}: --teacher-forced reads next-token models, this one is {meta['arch']}")
     model = model.to(device)
@@ -158,14 +168,22 @@ def main(argv=None):
                    "kind away from the edit, instead of sampling (see above)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.error = lambda message: p.exit(2, f"error: {message} (eval.py --help lists the flags)\n")  # one line, no usage
     args = p.parse_args(argv)
     try:
-        if not 0 <= args.plausibility <= 1:
-            raise SampleError("--plausibility must be between 0 and 1")
+        for flag, value in (("--n", args.n), ("--batch", args.batch)):
+            if value < 1:
+                raise SampleError(f"{flag} must be at least 1, got {value}")
+        check_sampling(args.cfg, args.plausibility, args.seed, args.top_k)
+        check_device(args.device)
+        if args.json and not args.json.parent.is_dir():
+            raise SampleError(f"--json {args.json}: the folder {args.json.parent} does not exist")
+        if args.json and args.json.is_dir():
+            raise SampleError(f"--json {args.json}: is a directory")
         result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced else \
             evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility, args.split,
                      args.varied)
-    except (SampleError, CheckpointError) as e:
+    except (SampleError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if args.teacher_forced:
@@ -179,7 +197,9 @@ def main(argv=None):
         print_table(result)
     print(json.dumps(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        tmp = args.json.with_name(f".{args.json.name}.tmp{os.getpid()}")  # written whole or not at all
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, args.json)
 
 
 def print_table(result):

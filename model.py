@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
+from checkpoint import CheckpointError, check_state_dict, few, read_checkpoint, read_meta
 from compressor import SemanticCompressor
 
 
@@ -819,10 +819,19 @@ class SCAR(nn.Module):
         return (err * keep).sum() / keep.sum().clamp(min=1)
 
 
+# What train.py records in a SCAR checkpoint's config, and sample.py / eval.py read.
+SCAR_META = {"task": str, "arch": str, "backbone": dict, "scar": dict, "dino": dict, "vq": dict, "image_size": int,
+             "text": dict}
+
+
 def build_scar(meta: dict) -> SCAR:
     """A fresh SCAR from the "arch", "backbone" and "scar" entries of a checkpoint's config."""
     if meta.get("kind") != "scar":
         raise CheckpointError(f"not a SCAR checkpoint (its config says kind={meta.get('kind')!r})")
+    wrong = [k for k, kind in SCAR_META.items() if not isinstance(meta.get(k), kind)]
+    wrong += [f"{k}.path" for k in ("dino", "vq") if not isinstance(meta.get(k, {}).get("path"), str)]
+    if wrong or not isinstance(meta["text"].get("kind"), str):
+        raise CheckpointError(f"its config lacks or misstates {', '.join(wrong) or 'text.kind'}")
     b = {**meta["backbone"], "words": tuple(meta["backbone"].get("words", ()))}
     if meta["arch"] == "next-scale":
         backbone = NextScaleTransformer(VARConfig(**{**b, "patch_nums": tuple(b["patch_nums"])}))
@@ -837,13 +846,16 @@ def load_scar(path) -> tuple[SCAR, dict]:
     try:
         with torch.device("meta"):
             model = build_scar(meta)
-    except (CheckpointError, TypeError, ValueError) as e:  # a foreign config, or one from an older version
+    except (CheckpointError, TypeError, ValueError, KeyError, AttributeError) as e:  # a foreign or older config
         raise CheckpointError(f"{path}: {e}") from None
     sd, _ = read_checkpoint(path)
     if any(k.startswith("model.") for k in sd):  # a training checkpoint: weights next to optimiser state
         sd = {k[6:]: v for k, v in sd.items() if k.startswith("model.")}
     expected = model.state_dict()
     check_state_dict(sd, {k: v.shape for k, v in expected.items()}, path, "SCAR")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite weights in {few(bad)} (a diverged run?)")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, assign=True)
     if isinstance(model.backbone, NextScaleTransformer):  # a non-persistent buffer: rebuilt, not loaded
         model.backbone.lvl_1L = torch.cat([torch.full((p * p,), i) for i, p in enumerate(model.backbone.cfg.patch_nums)])[None]

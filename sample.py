@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError
 from data import CONTROLS, DataError, control_map, load_image, to_image, to_tensor
 from encoder import load_dinov2, load_t5
-from model import encode_words, load_scar
+from model import encode_words, load_scar, words_of
 from vq import load_msvq, load_vq
 
 
@@ -144,8 +145,55 @@ PLAUSIBILITY = 0.03
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy" / "edit_next_token" / "edit.safetensors"
 
 
+MAX_SEED = 2 ** 32 - 1
+
+
 class SampleError(ValueError):
     """A user mistake: reported in one line, exit status 2, nothing written."""
+
+
+def check_device(name: str) -> str:
+    """`name` if torch can run there (cpu, or cuda[:i] with that GPU present), else a SampleError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SampleError(f"--device {name!r}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SampleError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise SampleError(f"--device {name}: only cpu and cuda are supported")
+    return name
+
+
+def check_sampling(cfg: float, plausibility: float, seed: int, top_k: int, temperature=1.0, top_p=1.0):
+    """One line for each sampling flag out of its range (NaN included: it would silently switch guidance off)."""
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise SampleError(f"--cfg must be a finite number >= 0, got {cfg}")
+    if not 0 <= plausibility <= 1:
+        raise SampleError(f"--plausibility must be between 0 and 1, got {plausibility}")
+    if not 0 <= seed <= MAX_SEED:
+        raise SampleError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    if top_k < 0:
+        raise SampleError(f"--top-k must be >= 0, got {top_k}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise SampleError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise SampleError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def check_output(path: Path) -> None:
+    """Before any generation: `path` can be written (its folder exists and takes files, it is not a folder)."""
+    if path.is_dir():
+        raise SampleError(f"--out {path}: is a directory; give a file name such as {path / 'edited.png'}")
+    if not path.parent.is_dir():
+        raise SampleError(f"--out {path}: the folder {path.parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise SampleError(f"--out {path}: cannot write in {path.parent} ({e.strerror})") from None
 
 
 def fit_square(img: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
@@ -193,6 +241,8 @@ def text_condition(model, prompts: list[str], t5=None, device="cpu"):
     if cfg.cond == "caption":
         embs, mask = t5.caption_features(prompts)
         return embs.to(device), mask.bool().to(device)
+    if not all(words_of(p) for p in prompts):
+        raise SampleError(f"the prompt {prompts[0][:40]!r} has no word (letters) this model can read")
     try:
         ids, mask = encode_words(prompts, cfg.words, cfg.text_len)
     except ValueError as e:  # a word the model never read, or more words than its text slots
@@ -270,11 +320,12 @@ def parse_args(argv=None):
     p.add_argument("--plausibility", type=float, default=PLAUSIBILITY,
                    help="guidance acts only on codes whose conditional probability is at least this fraction of the "
                         "most likely code's (0 = plain EditAR guidance; see plausible_only)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.error = lambda message: p.exit(2, f"error: {message} (sample.py --help lists the flags)\n")  # one line, no usage
     return p.parse_args(argv)
 
 
@@ -294,8 +345,10 @@ def main(argv=None):
             raise SampleError("the prompt is empty")
         if args.n < 1:
             raise SampleError("--n must be at least 1")
-        if not 0 <= args.plausibility <= 1:
-            raise SampleError("--plausibility must be between 0 and 1")
+        check_sampling(args.cfg, args.plausibility, args.seed, args.top_k, args.temperature, args.top_p)
+        check_device(args.device)
+        out = args.out or args.image.with_name(f"{args.image.stem}_edited.png")
+        check_output(out)
         image = load_image(args.image)
         model, meta = load_scar(args.ckpt)
         kind = meta["text"]["kind"]
@@ -306,7 +359,6 @@ def main(argv=None):
         dino, vq, t5 = frozen_parts(meta, args.ckpt, args.device, args.t5)
         outs = edit(model, meta, dino, vq, image, args.prompt.strip(), args.n, args.cfg, args.temperature, args.top_k,
                     args.top_p, args.seed, args.device, t5, args.plausibility)
-        out = args.out or args.image.with_name(f"{args.image.stem}_edited.png")
         save_atomic(grid_image(outs), out)
         print(out)
     except (SampleError, CheckpointError, DataError) as e:

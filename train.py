@@ -1,23 +1,32 @@
 """Training: SCAR (edit / control), the toy tokenizers (vq) and the toy image encoder (encoder).
 
-    python train.py --task edit --arch next-token --model toy --toy --dino D --vq V --out runs/edit
-    torchrun --nproc_per_node=8 train.py --task edit --data DIR --init t2i_XL_stage2_512.pt \\
-        --dino dinov2_vitb14_pretrain.pth --vq vq_ds16_t2i.pt --image-size 512 --out runs/xl
+    python train.py --task edit                  # the toy editor, with the shipped toy encoder and tokenizer
+    torchrun --nproc_per_node=8 train.py --task edit --data DIR --init t2i_XL_stage2_512.pt --text t5 \\
+        --t5 flan-t5-xl --dino dinov2_vitb14_pretrain.pth --vq vq_ds16_t2i.pt --out runs/xl
 
-One process or torchrun (DDP; NCCL on CUDA, gloo on CPU). The frozen DINOv2 and tokenizer run
-once per step under no_grad and are not part of the checkpoint (only their paths). Every
---save-every steps and at the end, `OUT/checkpoint.safetensors` is written atomically with the
-model, the AdamW state, the step, every rank's RNG state and the data position, so --resume
-continues the run exactly; `OUT/log.jsonl` gets one JSON line per logged step.
+One process or torchrun (DDP; NCCL on CUDA, gloo on CPU). Without --data the run trains on the toy
+world (--toy), with the shipped toy encoder and tokenizer unless --dino / --vq say otherwise, and SCAR
+takes the toy recipe's hyperparameters (TOY_RECIPES) for every flag not given. With --data a backbone
+must be named (--model or --init), and images are the paper's sizes unless --image-size says otherwise.
+
+The frozen DINOv2, tokenizer and T5 run once per step under no_grad and outside autocast, in float32,
+and are not part of the checkpoint (only their paths). Every --save-every steps and at the end,
+`OUT/checkpoint.safetensors` is written atomically with the model, the AdamW state, the step, every
+rank's RNG state and the data position, so --resume continues the run exactly; a checkpoint is written
+only once its weights have given a finite loss and finite gradients on the next step, so the one kept
+after a divergence resumes. `OUT/log.jsonl` gets one JSON line per logged step.
 """
 import argparse
 import contextlib
 import json
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,7 +48,25 @@ TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is 
 TOY_DINO = DINOv2Config(dim=128, depth=4, heads=2, ffn_hidden=512, patch_size=8, pos_grid=8)
 TEXT_LEN = {"edit": 16, "control": 24}  # word slots of instructions and captions (the toy's longest: 10, 14)
 SEED_IMAGES = 4096  # --vq-warmup: images whose patches seed the codebook (the toy: all 868 distinct patches)
+SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "toy"  # the toy encoder and tokenizer (README)
+TOY_SIZE = 64
+PAPER_SIZES = {"next-token": (512, 448), "next-scale": (256, 224)}  # image and DINOv2 input sides (DESIGN.md 1)
+MAX_SEED = 2 ** 32 - 1
 
+# Hyperparameters of flags the user did not give: the papers' fine-tuning, and for SCAR on the toy world the
+# recipe the shipped toy models were trained with (README: the toy stack).
+DEFAULTS = dict(steps=1000, lr=1e-4, warmup=0, schedule="constant", dropout=0.1, weight_decay=0.05, log_every=10,
+                save_every=500, export_dtype="fp32")
+TOY_RECIPES = {"next-token": dict(DEFAULTS, steps=8000, lr=1e-3, warmup=50, schedule="cosine", dropout=0.0,
+                                  weight_decay=0.5, log_every=50, save_every=1000, export_dtype="fp16"),
+               "next-scale": dict(DEFAULTS, steps=800, lr=1e-3, warmup=50, schedule="cosine", log_every=50,
+                                  save_every=400, export_dtype="fp16")}
+
+# What --resume compares with the checkpoint's run: these may change freely; any other difference is refused
+# unless --allow-changes is given (a changed architecture cannot load at all).
+FREE_ON_RESUME = {"steps", "save_every", "log_every", "workers", "out", "resume", "compile", "precision", "skip_bad",
+                  "dist_timeout", "allow_changes", "micro_batch_size", "export_dtype"}
+PATH_FLAGS = ("data", "init", "dino", "vq", "t5")
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,40 +77,48 @@ class UsageError(ValueError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"error: {message} (train.py --help lists the flags)\n")  # one line, no usage
     p.add_argument("--task", choices=["edit", "control", "vq", "encoder"], default="edit",
                    help="edit / control: train SCAR; vq: a toy tokenizer; encoder: the toy DINOv2")
     p.add_argument("--arch", choices=["next-token", "next-scale"], default="next-token",
                    help="backbone (edit/control) or tokenizer kind (vq): LlamaGen VQ vs VAR multi-scale VQVAE")
-    p.add_argument("--model", default="toy", help=f"backbone size: {', '.join(GPT_SIZES)} (next-token) or "
-                   "toy, d12, d16, d20, d24, d30 (next-scale); ignored with --init")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--toy", action="store_true", help="train on the procedurally generated toy world")
+    p.add_argument("--model", help=f"backbone size: {', '.join(GPT_SIZES)} (next-token) or toy, d12, d16, d20, d24, d30 "
+                   "(next-scale); default toy with the toy world; with --data required unless --init is given")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--toy", action="store_true", help="train on the procedurally generated toy world (the default)")
     source.add_argument("--data", type=Path, help="a folder with manifest.jsonl (README: Data)")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps in total (also when resuming)")
+    p.add_argument("--steps", type=int, help="optimiser steps in total, also when resuming (default 1000; toy SCAR: "
+                   "the toy recipe's, 8000 next-token / 800 next-scale)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size per optimiser step")
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="per-process batch of one forward pass (default: batch / processes); the rest is accumulated")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (betas 0.9/0.95)")
-    p.add_argument("--weight-decay", type=float, default=0.05,
-                   help="AdamW weight decay of the weight matrices (the papers: 0.05; README: the toy with 0.5)")
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="after warmup: constant (the papers' fine-tuning) or cosine decay to 0 at --steps (toy runs from scratch)")
-    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.safetensors, log.jsonl, exports")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, betas 0.9/0.95 (default 1e-4; toy SCAR 1e-3)")
+    p.add_argument("--weight-decay", type=float,
+                   help="AdamW weight decay of the weight matrices (default 0.05 as the papers; toy next-token SCAR 0.5)")
+    p.add_argument("--warmup", type=int, help="steps of linear learning-rate warmup (default 0; toy SCAR 50)")
+    p.add_argument("--schedule", choices=["constant", "cosine"],
+                   help="after warmup: constant (default: the papers' fine-tuning) or cosine decay to 0 at --steps (toy SCAR)")
+    p.add_argument("--out", type=Path, help="run folder: checkpoint.safetensors, log.jsonl, exports "
+                   "(default runs/<task>_<arch>, e.g. runs/edit_next_token)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--allow-changes", action="store_true", help="--resume even though hyperparameters (lr, seed, "
+                   "dropout, data, ...) differ from the checkpoint's run; without it such a resume is refused")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32; default bf16 on CUDA, fp32 on "
                    "CPU (CPU bf16 runs but is ~10-20x slower than fp32 on CPUs without bf16 units)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model")
     p.add_argument("--init", type=Path, help="official LlamaGen GPT (.pt) or VAR (.pth) checkpoint to start the backbone from")
-    p.add_argument("--dino", type=Path, help="DINOv2 checkpoint (hub .pth, HF folder, or the toy encoder's export)")
-    p.add_argument("--vq", type=Path, help="tokenizer checkpoint (LlamaGen VQ, VAR VQVAE, or a toy export)")
-    p.add_argument("--image-size", type=int, default=64, help="training resolution in pixels")
-    p.add_argument("--dino-size", type=int, default=0, help="DINOv2 input size (0: the image size rounded down "
-                   "to the patch size; 448 for 512 px images gives the paper's 32 x 32 features)")
+    p.add_argument("--dino", type=Path, help="DINOv2 checkpoint (hub .pth, HF folder, or the toy encoder's export; "
+                   "default with the toy world: the shipped one)")
+    p.add_argument("--vq", type=Path, help="tokenizer checkpoint (LlamaGen VQ, VAR VQVAE, or a toy export; default with "
+                   "the toy world, next-token: the shipped one)")
+    p.add_argument("--image-size", type=int, help="training resolution in pixels (default: 64 on the toy world; with "
+                   "--data the paper's, 512 next-token / 256 next-scale)")
+    p.add_argument("--dino-size", type=int, help="DINOv2 input size (default: with --data the paper's, 448 / 224, "
+                   "which gives 32 x 32 / 16 x 16 features; on the toy world the image size rounded down to the patch size)")
     p.add_argument("--dino-layers", choices=["last", "quarters"], default="last", help="DINOv2 features F_s (DESIGN.md 2)")
-    p.add_argument("--dropout", type=float, default=0.1,
+    p.add_argument("--dropout", type=float,
                    help="next-token backbone: dropout on its input tokens and on each block's attention and feed-forward "
-                   "outputs while training (LlamaGen's training scripts: 0.1)")
+                   "outputs while training (default 0.1 as LlamaGen's training scripts; toy SCAR 0)")
     p.add_argument("--k", type=int, default=2, choices=[1, 2, 4], help="compression per side (k^2 fewer prefix tokens)")
     p.add_argument("--compressor", default="conv+resize", choices=["conv+resize", "resize", "unshuffle"])
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
@@ -99,27 +134,83 @@ def parse_args(argv=None):
     p.add_argument("--control", default="canny", choices=["canny", "softedge", "depth"], help="control map kind")
     p.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable images (counted in the log)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0 keeps resumption bit-exact)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
-    p.add_argument("--log-every", type=int, default=10, help="log interval in steps")
-    p.add_argument("--export-dtype", choices=list(EXPORT_DTYPES), default="fp32",
-                   help="dtype of the weights in OUT/<task>.safetensors (fp16 halves the shipped toy models)")
+    p.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 500; toy SCAR 1000 / 400)")
+    p.add_argument("--log-every", type=int, help="log interval in steps (default 10; toy SCAR 50)")
+    p.add_argument("--export-dtype", choices=list(EXPORT_DTYPES),
+                   help="dtype of the weights in OUT/<task>.safetensors (default fp32; toy SCAR fp16, as shipped)")
     p.add_argument("--vq-warmup", type=int, default=0, help="--task vq --arch next-token: train as a plain autoencoder "
                    "for this many steps, then seed the codebook with one code per distinct image patch (the toy recipe; README)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dist-timeout", type=float, default=600, help="seconds a process waits for the others at a "
+                   "collective before the job ends, naming the ranks that did not arrive (torchrun)")
+    p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
     args = p.parse_args(argv)
-    if args.task in ("edit", "control") and not (args.dino and args.vq):
-        p.error(f"--task {args.task} needs --dino and --vq")
-    if args.task in ("vq", "encoder") and not args.toy and args.data is None:
-        p.error("--data or --toy is required")
-    if args.vq_warmup and (args.task != "vq" or args.arch != "next-token"):
-        p.error("--vq-warmup is for --task vq --arch next-token")
+    args.toy = args.data is None
+    scar = args.task in ("edit", "control")
+    recipe = TOY_RECIPES[args.arch] if args.toy and scar else DEFAULTS
+    for name, value in recipe.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    fill_sizes(p, args, scar)
+    if args.out is None:
+        args.out = Path("runs") / f"{args.task}_{args.arch.replace('-', '_')}"
+    check_args(p, args, scar)
+    return args
+
+
+def fill_sizes(p, args, scar: bool):
+    """The toy world's defaults (model, frozen parts, 64 px), or the paper's sizes for a data folder."""
+    if args.toy:
+        args.model = args.model or "toy"
+        args.image_size = TOY_SIZE if args.image_size is None else args.image_size
+        args.dino_size = args.dino_size or 0
+        if scar:
+            args.dino = args.dino or SHIPPED / "encoder" / "encoder.safetensors"
+            if args.vq is None and args.arch == "next-scale":
+                p.error("no toy multi-scale tokenizer ships: train one (python train.py --task vq --arch next-scale) "
+                        "and pass it with --vq")
+            args.vq = args.vq or SHIPPED / "vq" / "vq.safetensors"
+        return
+    if scar:
+        if args.model is None and args.init is None:
+            p.error("--data needs a backbone: --model SIZE (from scratch) or --init CHECKPOINT (official weights)")
+        if not (args.dino and args.vq):
+            p.error(f"--task {args.task} --data needs --dino and --vq")
+        if args.image_size is None:
+            args.image_size, args.dino_size = PAPER_SIZES[args.arch][0], args.dino_size or PAPER_SIZES[args.arch][1]
+    elif args.image_size is None:
+        p.error(f"--task {args.task} --data needs --image-size (the toy {args.task} architecture at your resolution)")
+    args.model = args.model or "toy"
+    args.dino_size = args.dino_size or 0
+
+
+def check_args(p, args, scar: bool):
+    at_least = {"--steps": (args.steps, 1), "--batch-size": (args.batch_size, 1), "--save-every": (args.save_every, 1),
+                "--log-every": (args.log_every, 1), "--image-size": (args.image_size, 1), "--workers": (args.workers, 0),
+                "--micro-batch-size": (args.micro_batch_size, 0), "--warmup": (args.warmup, 0),
+                "--vq-warmup": (args.vq_warmup, 0), "--dino-size": (args.dino_size, 0), "--seed": (args.seed, 0)}
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if args.seed > MAX_SEED:
+        p.error(f"--seed must be at most {MAX_SEED}, got {args.seed}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive finite number, got {args.lr}")
+    if not (math.isfinite(args.delta) and args.delta >= 0):
+        p.error(f"--delta must be a finite number >= 0, got {args.delta}")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        p.error(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.weight_decay < 0:
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.vq_warmup and (args.task != "vq" or args.arch != "next-token"):
+        p.error("--vq-warmup is for --task vq --arch next-token")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
         p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
-    return args
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out}: is a file, not a folder")
+    if args.allow_changes and not args.resume:
+        p.error("--allow-changes goes with --resume")
 
 
 @dataclass
@@ -127,18 +218,49 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    store: object = None  # the rendezvous store: where each rank notes the collective it is entering (arrive)
+    arrivals: int = 0
 
 
-def setup_distributed() -> Dist:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is a world of one."""
+def setup_distributed(timeout: float) -> Dist:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is a world of one. A collective
+    that some rank does not reach within `timeout` seconds fails on the others instead of waiting 30 minutes
+    (gloo raises; NCCL's watchdog aborts the process)."""
     if "RANK" not in os.environ:
         return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     local = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=10))
+    run = Dist(dist.get_rank(), dist.get_world_size(), device, store)
+    arrive(run, "the start")
+    return run
+
+
+def arrive(run: Dist, where: str):
+    """Note in the store that this rank is entering the collective `where`: if one never completes, the
+    ranks whose note is older are the ones that stalled or died (stragglers)."""
+    if run.store is not None:
+        run.arrivals += 1
+        run.store.set(f"scar/arrived/{run.rank}", f"{run.arrivals} {where}")
+
+
+def stragglers(run: Dist) -> str:
+    """The ranks that did not reach the collective this rank is in, and the last one they did reach."""
+    try:
+        notes = [run.store.get(f"scar/arrived/{r}").decode().split(" ", 1) for r in range(run.world)]
+    except (RuntimeError, dist.DistError):  # the store went down with the job
+        return "unknown (the rendezvous store does not answer)"
+    mine = int(notes[run.rank][0])
+    behind = [f"rank {r} (last at {where})" for r, (n, where) in enumerate(notes) if int(n) < mine]
+    return ", ".join(behind) or "a rank not noted as behind"
+
+
+def collective_failed(e: Exception) -> bool:
+    return isinstance(e, dist.DistError) or re.search(r"gloo|nccl|timed out|connection (closed|reset)", str(e), re.I)
 
 
 def precomputed_text(args) -> bool:
@@ -183,6 +305,8 @@ class SCARTask:
             self.vq = load_msvq(args.vq, **({"patch_nums": tuple(patch_nums)} if patch_nums else {})).to(device)
         else:
             self.vq = load_vq(args.vq).to(device)
+        if args.image_size % self.vq.downsample:
+            raise UsageError(f"--image-size {args.image_size} must be a multiple of the tokenizer's {self.vq.downsample} px tokens")
         grid = (args.dino_size or args.image_size) // self.dino.cfg.patch_size
         C = self.dino.cfg.dim * (4 if args.dino_layers == "quarters" else 1)
         scar_cfg = SCARConfig(feature_dim=C, feature_grid=grid, k=args.k, compressor=args.compressor,
@@ -231,7 +355,10 @@ class SCARTask:
         a = self.args
         if a.text == "t5":
             return dict(cond="caption", text_len=T5_SLOTS, caption_dim=self.t5_dim())
-        return dict(cond="words", words=data.words(), text_len=TEXT_LEN[a.task])
+        words = data.words()
+        if not words:
+            raise UsageError(f"{a.data}: the texts of the data hold no word to read (letters); --text words needs some")
+        return dict(cond="words", words=words, text_len=TEXT_LEN[a.task])
 
     def t5_dim(self) -> int:
         if self.t5 is not None:
@@ -259,20 +386,22 @@ class SCARTask:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def frozen(self, batch):
-        """F_s, F_t and the target codes: the frozen encoder and tokenizer, once per step, outside autograd."""
+    def inputs(self, batch) -> dict:
+        """What SCAR.forward reads: F_s, F_t (DINOv2), the target codes Z_t (the tokenizer) and the text. The
+        frozen parts run here, outside autograd and outside the step's autocast, in their own float32: under
+        bf16 the tokenizer's nearest-code search would pick other codes than the tokenizer gives at sampling."""
         source, target = batch["source"].to(self.device), batch["target"].to(self.device)
         size, layers = self.args.dino_size or None, self.args.dino_layers
         F_s, F_t = self.dino.features(torch.cat([source, target]), layers, size).float().chunk(2)
         codes = self.vq.encode(target)
-        if self.next_scale:
-            return F_s, F_t, torch.cat([c.flatten(1) for c in codes], 1), self.vq.teacher_forcing_input(codes)
-        return F_s, F_t, codes.flatten(1), None
-
-    def losses(self, model, batch, step):
-        F_s, F_t, codes, inputs = self.frozen(batch)
         text, mask = self.text(batch)
-        return model(F_s, F_t, text, codes, mask, inputs)
+        if self.next_scale:
+            return dict(F_s=F_s, F_t=F_t, text=text, codes=torch.cat([c.flatten(1) for c in codes], 1), text_mask=mask,
+                        inputs=self.vq.teacher_forcing_input(codes))
+        return dict(F_s=F_s, F_t=F_t, text=text, codes=codes.flatten(1), text_mask=mask)
+
+    def losses(self, model, inputs, step):
+        return model(**inputs)
 
     def export(self, model):
         return dict(model.state_dict()), self.meta
@@ -291,8 +420,10 @@ class VQTask:
             self.meta = {"kind": "vq", "config": asdict(self.model.cfg)}
         self.device, self.tokens = device, 0
 
-    def losses(self, model, batch, step):
-        images = torch.cat([batch["source"], batch["target"]]).to(self.device)
+    def inputs(self, batch):
+        return torch.cat([batch["source"], batch["target"]]).to(self.device)
+
+    def losses(self, model, images, step):
         out = model(images, quantize=step >= self.args.vq_warmup) if self.args.vq_warmup else model(images)
         return {k: v for k, v in out.items() if k not in ("recon", "codes")}
 
@@ -332,8 +463,11 @@ class EncoderTask:
         self.model = MaskedPatchPretraining(TOY_DINO).to(device)
         self.meta = {"kind": "dinov2", "config": asdict(TOY_DINO)}
 
-    def losses(self, model, batch, step):
-        return model(batch["source"].to(self.device))
+    def inputs(self, batch):
+        return batch["source"].to(self.device)
+
+    def losses(self, model, images, step):
+        return model(images)
 
     def export(self, model):  # the bare DINOv2 in the torch-hub layout: load_dinov2 reads it
         return dict(model.dino.state_dict()), self.meta
@@ -388,9 +522,29 @@ def rng_states(run: Dist) -> dict[str, torch.Tensor]:
 
 
 def set_rng_states(tensors, run: Dist):
-    torch.set_rng_state(tensors["rng"][run.rank])
+    # A copy, not the row: torch.set_rng_state crashes (segfault) on a view with a storage offset.
+    torch.set_rng_state(tensors["rng"][run.rank].clone())
     if run.device.type == "cuda" and "rng_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng_cuda"][run.rank], run.device)
+        torch.cuda.set_rng_state(tensors["rng_cuda"][run.rank].clone(), run.device)
+
+
+def recorded_args(args) -> dict[str, str]:
+    """The flags as the checkpoint stores them: strings, paths absolute (a resume from elsewhere compares equal)."""
+    return {k: str(Path(v).resolve()) if k in PATH_FLAGS and v is not None else str(v) for k, v in vars(args).items()}
+
+
+def check_resumable(meta: dict, args, run: Dist, ckpt: Path):
+    """Refuse, in one line, a --resume whose flags differ from the checkpoint's run (FREE_ON_RESUME aside)
+    unless --allow-changes, and always one with another number of processes (the data and RNG are per rank)."""
+    if meta.get("world", run.world) != run.world:
+        raise UsageError(f"--resume: {ckpt} was written by {meta['world']} processes; resume it with {meta['world']}, "
+                         f"not {run.world} (each rank's data position and RNG state are stored)")
+    stored, now = meta.get("args", {}), recorded_args(args)
+    changed = [f"--{k.replace('_', '-')} {stored[k]} (now {now[k]})" for k in now
+               if k in stored and k not in FREE_ON_RESUME and stored[k] != now[k]]
+    if changed and not args.allow_changes:
+        raise UsageError(f"--resume: {ckpt} was trained with other settings: {'; '.join(changed)}; pass --allow-changes "
+                         "to continue with the new ones")
 
 
 def save(path, model, opt, step, data_pos, rng, task, args, run):
@@ -400,13 +554,75 @@ def save(path, model, opt, step, data_pos, rng, task, args, run):
     opt_tensors, opt_meta = optimizer_tensors(opt)
     tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng}
     save_checkpoint(path, tensors, {**task.meta, "step": step, "data": data_pos, "optimizer": opt_meta,
-                                    "args": {k: str(v) for k, v in vars(args).items()}})
+                                    "world": run.world, "args": recorded_args(args)})
 
 
 def export(path, model, task, run, dtype):
     if run.rank == 0:  # loaders return float32 models whatever the file holds
         weights, meta = task.export(model)
         save_checkpoint(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, meta)
+
+
+def resume(args, model, opt, run: Dist):
+    """Load OUT/checkpoint.safetensors into the model and AdamW; returns (step, epoch, data position)."""
+    ckpt = args.out / "checkpoint.safetensors"
+    meta = read_meta(ckpt)
+    check_resumable(meta, args, run, ckpt)
+    tensors, _ = read_checkpoint(ckpt)
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: does not fit this model ({str(e).strip().splitlines()[0]})") from None
+    opt.param_groups[0]["weight_decay"] = args.weight_decay  # a changed --weight-decay (--allow-changes) applies
+    set_rng_states(tensors, run)
+    return meta["step"], *meta["data"]
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def prepare_run_folder(args, run: Dist):
+    """Rank 0 makes OUT (one line if it cannot be written), removes the temp files of writes that a killed
+    process left behind, and on --resume drops the log lines past the checkpoint's step (they are redone)."""
+    if run.rank != 0:
+        return
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write there ({e.strerror})") from None
+    for stale in args.out.glob(".*.tmp*"):  # save_checkpoint's and trim_log's temp files: .<name>.tmp<pid>
+        stale.unlink(missing_ok=True)
+    ckpt = args.out / "checkpoint.safetensors"
+    if args.resume:
+        if not ckpt.is_file():
+            raise UsageError(f"--resume: no checkpoint in {args.out}")
+        trim_log(args.out / "log.jsonl", read_meta(ckpt).get("step", 0))
+    elif ckpt.is_file():
+        raise UsageError(f"{args.out} already holds a run: pass --resume to continue it, or another --out")
+
+
+def trim_log(path: Path, step: int):
+    """Keep the log lines of steps <= `step` (and drop a line cut short by a kill), rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def log_line(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 # ---------------------------------------------------------------- the loop
@@ -424,15 +640,24 @@ def batches(data, run, args, epoch: int, start: int):
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
-def check_finite(losses, step, run):
-    """Stop every rank together when a loss term is NaN or infinite (before anything is written)."""
-    bad = torch.tensor(float(not all(torch.isfinite(v).all() for v in losses.values())), device=run.device)
+def check_update(losses: dict, grad_norm, step: int, run: Dist):
+    """Stop every rank together, before the update is applied, when a loss term or the gradient is NaN or
+    infinite; `losses` are this step's (micro-batch averaged) loss tensors."""
+    values = [*losses.values(), grad_norm]
+    bad = torch.tensor(float(not all(torch.isfinite(v).all() for v in values)), device=run.device)
     if run.world > 1:
+        arrive(run, f"the finiteness check of step {step}")
         dist.all_reduce(bad)
     if bad.item():
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        raise FloatingPointError(f"non-finite loss at step {step} ({terms}); "
-                                 "the last good checkpoint is kept, nothing was written for this step")
+        raise FloatingPointError(f"non-finite loss or gradients at step {step} ({terms}, grad norm={grad_norm.item():.4g}); "
+                                 "the update was not applied")
+
+
+def check_weights(model, step: int):
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights after step {step} ({bad[0]}, {len(bad)} tensors); not saved")
 
 
 def train(args, run: Dist):
@@ -450,20 +675,19 @@ def train(args, run: Dist):
     model = task.model
     opt = make_optimizer(model, args.lr, args.weight_decay)
     ckpt = args.out / "checkpoint.safetensors"
-    step, epoch, pos = 0, 0, 0
-    if args.resume:
-        meta = read_meta(ckpt)
-        tensors, _ = read_checkpoint(ckpt)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
-        step, (epoch, pos) = meta["step"], meta["data"]
-        set_rng_states(tensors, run)
-    ddp = DDP(model) if run.world > 1 else model
+    step, epoch, pos = resume(args, model, opt, run) if args.resume else (0, 0, 0)
+    if run.world > 1:
+        arrive(run, "the start of training")
+    ddp = DDP(model, broadcast_buffers=False) if run.world > 1 else model  # buffers are fixed tables: no sync needed
     fwd = torch.compile(ddp) if args.compile else ddp
-    log = open(args.out / "log.jsonl", "a") if run.rank == 0 else None
+    log = args.out / "log.jsonl" if run.rank == 0 else None
+    if log:
+        print(f"train.py: --task {args.task} on {args.data or 'the toy world'}, {args.image_size} px; writing to {args.out}",
+              file=sys.stderr)
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.task} {args.arch}", disable=run.rank != 0, dynamic_ncols=True)
     model.train()  # the frozen DINOv2 and tokenizer stay in eval mode
     it = iter(batches(data, run, args, epoch, pos))
+    pending = None  # (step, data position, RNG) of a checkpoint to write once its weights gave a finite step
     while step < args.steps:
         if args.vq_warmup and step == args.vq_warmup:
             task.seed_codebook(data)
@@ -476,15 +700,22 @@ def train(args, run: Dist):
                 it = iter(batches(data, run, args, epoch, 0))
                 batch = next(it)
             pos += micro
-            sync = ddp.no_sync() if run.world > 1 and i < accum - 1 else contextlib.nullcontext()
-            with sync, torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = task.losses(fwd, batch, step)
-            check_finite(losses, step + 1, run)
-            (losses["loss"] / accum).backward()
+            inputs = task.inputs(batch)  # the frozen parts, in float32
+            syncs = run.world > 1 and i == accum - 1
+            with ddp.no_sync() if run.world > 1 and not syncs else contextlib.nullcontext():
+                with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    losses = task.losses(fwd, inputs, step)
+                if syncs:
+                    arrive(run, f"the gradient all-reduce of step {step + 1}")
+                (losses["loss"] / accum).backward()
             for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.item() / accum
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / accum
             tokens += task.tokens * batch["target"].shape[0]
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        check_update(totals, grad_norm, step + 1, run)
+        if pending:  # the weights it holds have just given a finite loss and finite gradients
+            save(ckpt, model, opt, *pending, task, args, run)
+            pending = None
         for group in opt.param_groups:
             group["lr"] = learning_rate(args, step)
         opt.step()
@@ -493,36 +724,52 @@ def train(args, run: Dist):
         bar.update(1)
         dt = time.perf_counter() - t0
         if log and (step % args.log_every == 0 or step == args.steps):
-            record = {"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": learning_rate(args, step - 1),
-                      "step_time": round(dt, 4)}
+            record = {"step": step, **{k: round(v.item(), 5) for k, v in totals.items()},
+                      "lr": learning_rate(args, step - 1), "step_time": round(dt, 4)}
             if tokens:
                 record["tokens_per_s"] = round(tokens * run.world / dt, 1)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{totals['loss']:.4f}")
+            log_line(log, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
         if step % args.save_every == 0 or step == args.steps:
-            save(ckpt, model, opt, step, (epoch, pos), rng_states(run), task, args, run)
+            if run.world > 1:
+                arrive(run, f"the checkpoint of step {step}")
+            pending = (step, (epoch, pos), rng_states(run))
     bar.close()
+    check_weights(model, step)
+    if pending:  # None when a resumed run had no step left to do
+        save(ckpt, model, opt, *pending, task, args, run)
     export(args.out / f"{args.task}.safetensors", model, task, run, EXPORT_DTYPES[args.export_dtype])
-    if log:
-        log.close()
 
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup_distributed()
+    made = not args.out.exists()
+    run = setup_distributed(args.dist_timeout)
     try:
-        if run.rank == 0:
-            args.out.mkdir(parents=True, exist_ok=True)
-        if args.resume and not (args.out / "checkpoint.safetensors").is_file():
-            raise UsageError(f"--resume: no checkpoint in {args.out}")
+        prepare_run_folder(args, run)
         train(args, run)
-    except (UsageError, CheckpointError, DataError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UsageError, CheckpointError, DataError) as e:
+        fail(e, args, run, made)
+    except FloatingPointError as e:
+        ckpt = args.out / "checkpoint.safetensors"
+        kept = f"{ckpt} (step {read_meta(ckpt)['step']}) is kept and resumes" if ckpt.is_file() else "no checkpoint was written"
+        fail(f"{e}; {kept}", args, run, made)
+    except RuntimeError as e:
+        if run.world == 1 or not collective_failed(e):
+            raise
+        fail(f"rank {run.rank}: a collective failed: {stragglers(run)} never reached it (stalled or died; a collective "
+             f"waits --dist-timeout {args.dist_timeout:g} s): {str(e).strip().splitlines()[0][-100:]}", args, run, made)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fail(message, args, run: Dist, made: bool):
+    """One line, exit status 2; a run folder this run made and left empty is removed."""
+    print(f"error: {message}", file=sys.stderr)
+    if run.rank == 0 and made and args.out.is_dir() and not any(args.out.iterdir()):
+        args.out.rmdir()
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- T5 through data.py, train.py and sample.py
 
 def edit_args(frozen, data, out, *extra):
-    return ["--task", "edit", "--data", str(data), "--image-size", "32", "--batch-size", "2", "--steps", "1",
+    return ["--task", "edit", "--data", str(data), "--model", "toy", "--image-size", "32", "--batch-size", "2", "--steps", "1",
             "--dino", str(frozen / "dino.safetensors"), "--vq", str(frozen / "vq.safetensors"), "--log-every", "1",
             "--text", "t5", "--out", str(out), *extra]
 

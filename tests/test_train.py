@@ -1,5 +1,6 @@
 """train.py: exact resume, torchrun with two CPU processes (gloo), bf16, torch.compile, NaN handling."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,11 +34,12 @@ def weights(out):
 
 @pytest.mark.parametrize("arch", ["next-token", "next-scale"])
 def test_resume_equals_uninterrupted(frozen, tmp_path, arch):
-    train.main(args(frozen, tmp_path / "full", arch=arch, steps=4))
-    train.main(args(frozen, tmp_path / "split", arch=arch, steps=2))
-    meta = read_meta(tmp_path / "split" / "checkpoint.safetensors")  # next-token: dropout's masks must resume too
+    dropout = ["--dropout", "0.1"]  # next-token: dropout's masks must resume too
+    train.main(args(frozen, tmp_path / "full", *dropout, arch=arch, steps=4))
+    train.main(args(frozen, tmp_path / "split", *dropout, arch=arch, steps=2))
+    meta = read_meta(tmp_path / "split" / "checkpoint.safetensors")
     assert meta["step"] == 2 and meta["backbone"].get("dropout") == (0.1 if arch == "next-token" else None)
-    train.main(args(frozen, tmp_path / "split", "--resume", arch=arch, steps=4))
+    train.main(args(frozen, tmp_path / "split", "--resume", *dropout, arch=arch, steps=4))
     full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert full.keys() == split.keys()
     for k in full:
@@ -139,25 +141,43 @@ def test_compile_path_runs(frozen, tmp_path):
     assert len(logs) == 2 and logs[1]["loss"] < logs[0]["loss"] * 1.5
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(frozen, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_a_checkpoint_that_resumes(frozen, tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 3: nothing of step 3 is applied, and the checkpoint kept is step 1's, the last whose
+    weights gave a finite next step (step 2's would have been validated by step 3)."""
     forward, calls = model_module.SCAR.forward, []
 
     def poisoned(self, *a, **kw):
         out = forward(self, *a, **kw)
         calls.append(1)
-        if len(calls) == 3:
-            out = dict(out, align=out["align"] * float("nan"))
-        return out
+        return dict(out, loss=out["loss"] * float("nan")) if len(calls) == 3 else out
 
     monkeypatch.setattr(model_module.SCAR, "forward", poisoned)
     with pytest.raises(SystemExit) as exit_:
         train.main(args(frozen, tmp_path, "--save-every", "1", steps=5))
-    assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "non-finite loss at step 3" in err and "align=nan" in err
-    assert read_meta(tmp_path / "checkpoint.safetensors")["step"] == 2
-    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+    assert exit_.value.code == 2 and "non-finite loss or gradients at step 3" in err and "loss=nan" in err
+    assert "(step 1) is kept and resumes" in err
+    assert read_meta(tmp_path / "checkpoint.safetensors")["step"] == 1
     assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "edit.safetensors").exists()
+    monkeypatch.undo()
+    train.main(args(frozen, tmp_path, "--resume", "--save-every", "1", steps=5))
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_divergence_keeps_a_checkpoint_that_resumes_and_trains(frozen, tmp_path, capsys):
+    """A learning rate of 100 blows the loss up to 1e13, 1e16, 1e19, then inf: the checkpoint kept holds weights
+    that gave a finite step, so a resume with a sane learning rate trains on."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args(frozen, tmp_path, "--save-every", "1", "--lr", "100", steps=20))
+    assert exit_.value.code == 2 and "non-finite loss or gradients" in capsys.readouterr().err
+    kept = read_meta(tmp_path / "checkpoint.safetensors")["step"]
+    assert kept >= 1 and all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert max(r["loss"] for r in logs) > 1e6  # it did diverge
+    train.main(args(frozen, tmp_path, "--resume", "--allow-changes", "--lr", "1e-4", steps=kept + 3))
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs][-3:] == [kept + 1, kept + 2, kept + 3]
+    assert all(math.isfinite(r["loss"]) for r in logs) and all(torch.isfinite(v).all() for v in weights(tmp_path).values())
 
 
 def test_resume_without_checkpoint_is_a_clear_error(frozen, tmp_path, capsys):
@@ -236,3 +256,21 @@ def test_fp16_export_loads_as_float32(frozen, tmp_path):
     for k, v in model.state_dict().items():
         assert v.dtype == torch.float32
         torch.testing.assert_close(v, trained[f"model.{k}"], atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_trains_on_the_codes_and_features_of_float32(tmp_path, monkeypatch):
+    """--precision bf16 autocasts the trained model only: the shipped toy encoder and tokenizer give the step
+    the same F_s, F_t and Z_t as in float32 (under bf16 autocast most of the toy VQ's codes would change)."""
+    seen, forward = {}, model_module.SCAR.forward
+
+    def spy(self, F_s, F_t, text, codes, text_mask=None, inputs=None):
+        seen.setdefault(torch.is_autocast_enabled("cpu"), (F_s, F_t, codes))
+        return forward(self, F_s, F_t, text, codes, text_mask, inputs)
+
+    monkeypatch.setattr(model_module.SCAR, "forward", spy)
+    for precision in ("fp32", "bf16"):
+        train.main(["--task", "edit", "--steps", "1", "--batch-size", "16", "--precision", precision,
+                    "--out", str(tmp_path / precision)])
+    (F_s, F_t, codes), (F_s16, F_t16, codes16) = seen[False], seen[True]
+    assert F_s.dtype == F_s16.dtype == torch.float32
+    assert torch.equal(codes16, codes) and torch.equal(F_s16, F_s) and torch.equal(F_t16, F_t)
