@@ -307,8 +307,8 @@ class EditDataset(FolderDataset):
             mask = torch.ones(1, self.size, self.size)
         return {"source": source, "target": target, "mask": mask, "text": str(record["instruction"])}
 
-    def words(self) -> tuple[str, ...]:  # the vocabulary a word-reading model trained on this folder needs
-        return vocabulary(str(record["instruction"]) for _, record in self.records)
+    def texts(self) -> list[str]:  # what a word-reading model trained on this folder reads
+        return [str(record["instruction"]) for _, record in self.records]
 
 
 class ControlDataset(FolderDataset):
@@ -340,8 +340,8 @@ class ControlDataset(FolderDataset):
             item["label"] = int(record["label"])
         return item
 
-    def words(self) -> tuple[str, ...]:
-        return vocabulary(str(record["caption"]) for _, record in self.records if "caption" in record)
+    def texts(self) -> list[str]:
+        return [str(record["caption"]) for _, record in self.records if "caption" in record]
 
 
 # ---------------------------------------------------------------- the toy world
@@ -543,13 +543,18 @@ def vary(text: str, rng) -> str:
     return text + str(rng.choice(["", "", ".", "!"]))
 
 
-def toy_vocabulary() -> tuple[str, ...]:
-    """Every word the toy world writes (instructions, captions, vary's "please"): the toy models' vocabulary."""
+def toy_texts() -> list[str]:
+    """Texts holding every word the toy world writes (instructions, captions, vary's "please")."""
     fill = dict(color=" ".join([*COLORS, *BACKGROUNDS]), ref=" ".join(SHAPES), shape="", place=" ".join(PLACES),
                 bigger="bigger smaller", grow="enlarge shrink")
     texts = [template.format(**fill) for templates in PHRASES.values() for template in templates]
     shapes = tuple(Shape(kind, "red", "small", place) for kind, place in zip(SHAPES, PLACES))
-    return vocabulary([*texts, caption(Scene("white", shapes)), PLEASE])
+    return [*texts, caption(Scene("white", shapes)), PLEASE]
+
+
+def toy_vocabulary() -> tuple[str, ...]:
+    """Every word the toy world writes: the toy models' vocabulary."""
+    return vocabulary(toy_texts())
 
 
 class ToyEdits(torch.utils.data.Dataset):
@@ -564,8 +569,8 @@ class ToyEdits(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
-    def words(self) -> tuple[str, ...]:
-        return toy_vocabulary()
+    def texts(self) -> list[str]:  # every word the generator writes, in one text per template (not the edits)
+        return toy_texts()
 
     def __getitem__(self, i):
         edit = toy_edit(i, self.split, self.seed)
@@ -586,8 +591,8 @@ class ToyControl(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
-    def words(self) -> tuple[str, ...]:
-        return toy_vocabulary()
+    def texts(self) -> list[str]:
+        return toy_texts()
 
     def __getitem__(self, i):
         scene = random_scene(np.random.default_rng([self.seed, 2 + SPLITS[self.split], i]))

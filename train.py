@@ -41,7 +41,7 @@ from checkpoint import CheckpointError, read_checkpoint, read_meta, save_checkpo
 from data import T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, read_text_features
 from encoder import DINOv2, DINOv2Config, load_dinov2, load_t5
 from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_words, gpt_config,
-                   load_llamagen, load_var, var_config)
+                   load_llamagen, load_var, var_config, vocabulary, words_of)
 from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq
 
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices
@@ -259,8 +259,12 @@ def stragglers(run: Dist) -> str:
     return ", ".join(behind) or "a rank not noted as behind"
 
 
-def collective_failed(e: Exception) -> bool:
-    return isinstance(e, dist.DistError) or re.search(r"gloo|nccl|timed out|connection (closed|reset)", str(e), re.I)
+def collective_failed(e: Exception) -> str:
+    """What went wrong, in a few words, if `e` is a failed collective (gloo raises RuntimeErrors), else ''."""
+    cause = re.search(r"timed out[^.\n]*|connection (closed|reset) by peer", str(e), re.I)
+    if cause or isinstance(e, dist.DistError) or re.search(r"gloo|nccl", str(e), re.I):
+        return cause.group(0) if cause else type(e).__name__
+    return ""
 
 
 def precomputed_text(args) -> bool:
@@ -355,10 +359,12 @@ class SCARTask:
         a = self.args
         if a.text == "t5":
             return dict(cond="caption", text_len=T5_SLOTS, caption_dim=self.t5_dim())
-        words = data.words()
+        texts = data.texts()
+        words = vocabulary(texts)
         if not words:
             raise UsageError(f"{a.data}: the texts of the data hold no word to read (letters); --text words needs some")
-        return dict(cond="words", words=words, text_len=TEXT_LEN[a.task])
+        longest = 0 if a.toy else max(len(words_of(t)) for t in texts)  # the toy's fill-in texts are not real ones
+        return dict(cond="words", words=words, text_len=max(TEXT_LEN[a.task], longest))
 
     def t5_dim(self) -> int:
         if self.t5 is not None:
@@ -567,7 +573,6 @@ def resume(args, model, opt, run: Dist):
     """Load OUT/checkpoint.safetensors into the model and AdamW; returns (step, epoch, data position)."""
     ckpt = args.out / "checkpoint.safetensors"
     meta = read_meta(ckpt)
-    check_resumable(meta, args, run, ckpt)
     tensors, _ = read_checkpoint(ckpt)
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -583,8 +588,16 @@ def resume(args, model, opt, run: Dist):
 
 
 def prepare_run_folder(args, run: Dist):
-    """Rank 0 makes OUT (one line if it cannot be written), removes the temp files of writes that a killed
-    process left behind, and on --resume drops the log lines past the checkpoint's step (they are redone)."""
+    """Check that the run can start (--resume: a checkpoint of the same configuration; otherwise none to
+    overwrite), then rank 0 makes OUT (one line if it cannot be written), removes the temp files of writes that a
+    killed process left behind, and on --resume drops the log lines past the checkpoint's step (they are redone)."""
+    ckpt = args.out / "checkpoint.safetensors"
+    if args.resume:
+        if not ckpt.is_file():
+            raise UsageError(f"--resume: no checkpoint in {args.out}")
+        check_resumable(read_meta(ckpt), args, run, ckpt)
+    elif ckpt.is_file():
+        raise UsageError(f"{args.out} already holds a run: pass --resume to continue it, or another --out")
     if run.rank != 0:
         return
     try:
@@ -595,13 +608,8 @@ def prepare_run_folder(args, run: Dist):
         raise UsageError(f"--out {args.out}: cannot write there ({e.strerror})") from None
     for stale in args.out.glob(".*.tmp*"):  # save_checkpoint's and trim_log's temp files: .<name>.tmp<pid>
         stale.unlink(missing_ok=True)
-    ckpt = args.out / "checkpoint.safetensors"
     if args.resume:
-        if not ckpt.is_file():
-            raise UsageError(f"--resume: no checkpoint in {args.out}")
-        trim_log(args.out / "log.jsonl", read_meta(ckpt).get("step", 0))
-    elif ckpt.is_file():
-        raise UsageError(f"{args.out} already holds a run: pass --resume to continue it, or another --out")
+        trim_log(args.out / "log.jsonl", read_meta(ckpt)["step"])
 
 
 def trim_log(path: Path, step: int):
@@ -638,6 +646,37 @@ def batches(data, run, args, epoch: int, start: int):
     return DataLoader(torch.utils.data.Subset(data, list(sampler)[start:]), batch_size=micro, shuffle=False,
                       num_workers=args.workers, collate_fn=collate, drop_last=True,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+def micro_batches(data, run, args, epoch: int, pos: int):
+    """This rank's micro-batches from sample position `pos` of `epoch` on, epoch after epoch; yields each batch
+    with the data position after it, (epoch, position), as the checkpoint stores it."""
+    micro = args.micro_batch_size or args.batch_size // run.world
+    while True:
+        for batch in batches(data, run, args, epoch, pos):
+            pos += micro
+            yield batch, (epoch, pos)
+        epoch, pos = epoch + 1, 0
+
+
+def accumulate(task, fwd, stream, accum: int, step: int, run, bf16: bool):
+    """Forward and backward of `accum` micro-batches (gradients summed, synced across ranks on the last one);
+    returns the micro-batch averaged loss tensors, the target tokens seen and the data position."""
+    totals, tokens = {}, 0
+    for i in range(accum):
+        batch, position = next(stream)
+        inputs = task.inputs(batch)  # the frozen parts, in float32
+        syncs = run.world > 1 and i == accum - 1
+        with fwd.no_sync() if run.world > 1 and not syncs else contextlib.nullcontext():
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+                losses = task.losses(fwd, inputs, step)
+            if syncs:
+                arrive(run, f"the gradient all-reduce of step {step + 1}")
+            (losses["loss"] / accum).backward()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v.detach().float() / accum
+        tokens += task.tokens * batch["target"].shape[0]
+    return totals, tokens, position
 
 
 def check_update(losses: dict, grad_norm, step: int, run: Dist):
@@ -686,55 +725,39 @@ def train(args, run: Dist):
               file=sys.stderr)
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.task} {args.arch}", disable=run.rank != 0, dynamic_ncols=True)
     model.train()  # the frozen DINOv2 and tokenizer stay in eval mode
-    it = iter(batches(data, run, args, epoch, pos))
+    stream = micro_batches(data, run, args, epoch, pos)
     pending = None  # (step, data position, RNG) of a checkpoint to write once its weights gave a finite step
-    while step < args.steps:
-        if args.vq_warmup and step == args.vq_warmup:
-            task.seed_codebook(data)
-        t0 = time.perf_counter()
-        totals, tokens = {}, 0
-        for i in range(accum):
-            batch = next(it, None)
-            if batch is None:  # next epoch
-                epoch, pos = epoch + 1, 0
-                it = iter(batches(data, run, args, epoch, 0))
-                batch = next(it)
-            pos += micro
-            inputs = task.inputs(batch)  # the frozen parts, in float32
-            syncs = run.world > 1 and i == accum - 1
-            with ddp.no_sync() if run.world > 1 and not syncs else contextlib.nullcontext():
-                with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    losses = task.losses(fwd, inputs, step)
-                if syncs:
-                    arrive(run, f"the gradient all-reduce of step {step + 1}")
-                (losses["loss"] / accum).backward()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().float() / accum
-            tokens += task.tokens * batch["target"].shape[0]
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        check_update(totals, grad_norm, step + 1, run)
-        if pending:  # the weights it holds have just given a finite loss and finite gradients
-            save(ckpt, model, opt, *pending, task, args, run)
-            pending = None
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(args, step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        dt = time.perf_counter() - t0
-        if log and (step % args.log_every == 0 or step == args.steps):
-            record = {"step": step, **{k: round(v.item(), 5) for k, v in totals.items()},
-                      "lr": learning_rate(args, step - 1), "step_time": round(dt, 4)}
-            if tokens:
-                record["tokens_per_s"] = round(tokens * run.world / dt, 1)
-            log_line(log, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if step % args.save_every == 0 or step == args.steps:
-            if run.world > 1:
-                arrive(run, f"the checkpoint of step {step}")
-            pending = (step, (epoch, pos), rng_states(run))
-    bar.close()
+    try:  # the bar ends its line before any error is printed
+        while step < args.steps:
+            if args.vq_warmup and step == args.vq_warmup:
+                task.seed_codebook(data)
+            t0 = time.perf_counter()
+            totals, tokens, position = accumulate(task, fwd, stream, accum, step, run, bf16)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            check_update(totals, grad_norm, step + 1, run)
+            if pending:  # the weights it holds have just given a finite loss and finite gradients
+                save(ckpt, model, opt, *pending, task, args, run)
+                pending = None
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            dt = time.perf_counter() - t0
+            if log and (step % args.log_every == 0 or step == args.steps):
+                record = {"step": step, **{k: round(v.item(), 5) for k, v in totals.items()},
+                          "lr": learning_rate(args, step - 1), "step_time": round(dt, 4)}
+                if tokens:
+                    record["tokens_per_s"] = round(tokens * run.world / dt, 1)
+                log_line(log, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if step % args.save_every == 0 or step == args.steps:
+                if run.world > 1:
+                    arrive(run, f"the checkpoint of step {step}")
+                pending = (step, position, rng_states(run))
+    finally:
+        bar.close()
     check_weights(model, step)
     if pending:  # None when a resumed run had no step left to do
         save(ckpt, model, opt, *pending, task, args, run)
@@ -757,8 +780,8 @@ def main(argv=None):
     except RuntimeError as e:
         if run.world == 1 or not collective_failed(e):
             raise
-        fail(f"rank {run.rank}: a collective failed: {stragglers(run)} never reached it (stalled or died; a collective "
-             f"waits --dist-timeout {args.dist_timeout:g} s): {str(e).strip().splitlines()[0][-100:]}", args, run, made)
+        fail(f"rank {run.rank}: a collective failed ({collective_failed(e)}): {stragglers(run)} never reached it, stalled "
+             f"or died (a collective waits --dist-timeout {args.dist_timeout:g} s)", args, run, made)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

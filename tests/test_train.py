@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,8 +230,6 @@ def test_vq_warm_up_resumes_across_the_seeding(tmp_path, capsys, monkeypatch):
 
 def test_init_from_an_official_backbone_on_labelled_control_data(tmp_path, capsys):
     """--init with the official-format c2i GPT: class labels condition it, the new SCAR parts are reported."""
-    import shutil
-
     folder = tmp_path / "control"
     shutil.copytree(FIXTURES / "control_folder", folder)
     (folder / "manifest.jsonl").write_text('{"image": "a.png", "label": 1}\n{"image": "b.png", "label": 7}\n')
@@ -274,3 +273,36 @@ def test_bf16_trains_on_the_codes_and_features_of_float32(tmp_path, monkeypatch)
     (F_s, F_t, codes), (F_s16, F_t16, codes16) = seen[False], seen[True]
     assert F_s.dtype == F_s16.dtype == torch.float32
     assert torch.equal(codes16, codes) and torch.equal(F_s16, F_s) and torch.equal(F_t16, F_t)
+
+
+def test_the_missions_command_trains_the_toy_editor_with_the_shipped_parts():
+    """`train.py --task edit` alone: the toy world, the shipped encoder and tokenizer, the toy recipe, runs/."""
+    a = train.parse_args(["--task", "edit"])
+    assert a.toy and a.model == "toy" and a.image_size == 64 and a.out == Path("runs/edit_next_token")
+    assert a.dino == train.SHIPPED / "encoder" / "encoder.safetensors" and a.vq == train.SHIPPED / "vq" / "vq.safetensors"
+    assert (a.steps, a.lr, a.schedule, a.dropout, a.weight_decay) == (8000, 1e-3, "cosine", 0.0, 0.5)
+    given = train.parse_args(["--task", "edit", "--lr", "3e-4", "--dropout", "0.1"])
+    assert (given.lr, given.dropout, given.steps) == (3e-4, 0.1, 8000)  # what the user gives wins
+    assert train.parse_args(["--task", "vq"]).lr == 1e-4  # the toy recipe is SCAR's
+
+
+@pytest.mark.parametrize("arch, sizes", [("next-token", (512, 448)), ("next-scale", (256, 224))])
+def test_a_data_folder_takes_the_papers_sizes_and_needs_a_backbone(arch, sizes, capsys):
+    base = ["--task", "edit", "--arch", arch, "--data", "d", "--dino", "x", "--vq", "y"]
+    a = train.parse_args([*base, "--model", "toy"])
+    assert not a.toy and (a.image_size, a.dino_size) == sizes and (a.steps, a.lr, a.dropout) == (1000, 1e-4, 0.1)
+    assert train.parse_args([*base, "--model", "toy", "--image-size", "128"]).dino_size == 0  # explicit: rounded down
+    with pytest.raises(SystemExit):
+        train.parse_args(base)
+    assert "--data needs a backbone: --model SIZE" in capsys.readouterr().err
+
+
+def test_a_folder_with_long_instructions_gets_the_word_slots_it_needs(frozen, tmp_path):
+    folder = tmp_path / "long"
+    shutil.copytree(FIXTURES / "edit_folder", folder)
+    long = " ".join(["make the purple square a big triangle"] * 4)  # 28 words, more than the toy's 16 slots
+    (folder / "manifest.jsonl").write_text(
+        json.dumps({"source": "images/0_src.png", "target": "images/0_tgt.png", "instruction": long}) + "\n")
+    run = [a for a in args(frozen, tmp_path / "run", steps=1) if a != "--toy"] + ["--data", str(folder), "--batch-size", "1"]
+    train.main(run)
+    assert read_meta(tmp_path / "run" / "edit.safetensors")["backbone"]["text_len"] == 28
