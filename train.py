@@ -153,7 +153,7 @@ def parse_args(argv=None):
     fill_sizes(p, args, scar)
     if args.out is None:
         args.out = Path("runs") / f"{args.task}_{args.arch.replace('-', '_')}"
-    check_args(p, args, scar)
+    check_args(p, args)
     return args
 
 
@@ -183,7 +183,7 @@ def fill_sizes(p, args, scar: bool):
     args.dino_size = args.dino_size or 0
 
 
-def check_args(p, args, scar: bool):
+def check_args(p, args):
     at_least = {"--steps": (args.steps, 1), "--batch-size": (args.batch_size, 1), "--save-every": (args.save_every, 1),
                 "--log-every": (args.log_every, 1), "--image-size": (args.image_size, 1), "--workers": (args.workers, 0),
                 "--micro-batch-size": (args.micro_batch_size, 0), "--warmup": (args.warmup, 0),
