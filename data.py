@@ -601,7 +601,7 @@ class ToyControl(torch.utils.data.Dataset):
                 "mask": torch.ones(1, self.size, self.size)}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Data set tools. t5-features: precompute the T5 caption features of a "
                                 "manifest folder, e.g.  python data.py t5-features --data /data/seed_edit --t5 flan-t5-xl")
     p.add_argument("command", choices=["t5-features"], help="t5-features: write DATA/t5/<manifest line>.npy for every record")
@@ -609,7 +609,11 @@ def main(argv=None):
     p.add_argument("--t5", type=Path, required=True, help="Hugging Face google/flan-t5-* folder (with spiece.model)")
     p.add_argument("--batch", type=int, default=16, help="captions encoded together")
     p.error = lambda message: p.exit(2, f"error: {message} (data.py --help lists the flags)\n")  # one line, no usage
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     from checkpoint import CheckpointError
     try:
         n = write_text_features(args.data, args.t5, args.batch)

@@ -148,7 +148,7 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
             "align_edit_progress_pct": {k: round(100 * along[k] / length[k], 1) for k in sorted(length) if length[k] > 0}}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=["toy"], required=True, help="toy: the toy world's held-out split")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model)")
@@ -169,7 +169,11 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"error: {message} (eval.py --help lists the flags)\n")  # one line, no usage
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         for flag, value in (("--n", args.n), ("--batch", args.batch)):
             if value < 1:

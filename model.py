@@ -265,7 +265,7 @@ class WordEmbedder(nn.Module):
 
     One token per word, as T5's tokenizer gives the toy's words, so "green" is the same token wherever it
     stands. (Reading UTF-8 bytes, the toy model painted "make the triangle green" red and edited at most
-    82.5 % of the held-out edits; reading words, all of them: README, words, not bytes.) Text tokens get no rotary
+    82.5 % of the held-out edits; reading words, all of them: docs/toy.md, words, not bytes.) Text tokens get no rotary
     position (as LlamaGen's caption tokens), so the order of the words lives in the embedding itself.
     Dropping the text replaces every word by a null id (the vocabulary's size).
     """

@@ -138,10 +138,10 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
 # ---------------------------------------------------------------- the command line
 
 # The command line's guidance: over plausible codes only (plausible_only). 0.03 was chosen on held-out edits of
-# another seed than the README's (README: the shipped toy model).
+# another seed than the reported ones (docs/toy.md: the shipped model).
 PLAUSIBILITY = 0.03
 
-# The shipped toy model (README: the toy stack); it finds its encoder and tokenizer in ../encoder, ../vq.
+# The shipped toy model (docs/toy.md: the toy stack on a CPU); it finds its encoder and tokenizer in ../encoder, ../vq.
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy" / "edit_next_token" / "edit.safetensors"
 
 

@@ -48,13 +48,13 @@ TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is 
 TOY_DINO = DINOv2Config(dim=128, depth=4, heads=2, ffn_hidden=512, patch_size=8, pos_grid=8)
 TEXT_LEN = {"edit": 16, "control": 24}  # word slots of instructions and captions (the toy's longest: 10, 14)
 SEED_IMAGES = 4096  # --vq-warmup: images whose patches seed the codebook (the toy: all 868 distinct patches)
-SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "toy"  # the toy encoder and tokenizer (README)
+SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "toy"  # the toy encoder and tokenizer (docs/toy.md)
 TOY_SIZE = 64
 PAPER_SIZES = {"next-token": (512, 448), "next-scale": (256, 224)}  # image and DINOv2 input sides (DESIGN.md 1)
 MAX_SEED = 2 ** 32 - 1
 
 # Hyperparameters of flags the user did not give: the papers' fine-tuning, and for SCAR on the toy world the
-# recipe the shipped toy models were trained with (README: the toy stack).
+# recipe the shipped toy models were trained with (docs/toy.md: the toy stack on a CPU).
 DEFAULTS = dict(steps=1000, lr=1e-4, warmup=0, schedule="constant", dropout=0.1, weight_decay=0.05, log_every=10,
                 save_every=500, export_dtype="fp32")
 TOY_RECIPES = {"next-token": dict(DEFAULTS, steps=8000, lr=1e-3, warmup=50, schedule="cosine", dropout=0.0,
@@ -125,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--causal", action="store_true", help="plain causal attention (ablation) instead of the prefix mask")
     p.add_argument("--stop-grad-target", action="store_true",
                    help="no gradient into P_t through L_align (on the toy the compressor's output then grows, and "
-                   "L_align with it: README, the shipped toy model)")
+                   "L_align with it: docs/toy.md)")
     p.add_argument("--text", choices=["words", "t5"], default="words",
                    help="how T_t reads text: one token per word of the training texts' vocabulary (the toy), or T5 "
                    "caption features (LlamaGen t2i weights; needs --t5)")
@@ -139,7 +139,7 @@ def parse_args(argv=None):
     p.add_argument("--export-dtype", choices=list(EXPORT_DTYPES),
                    help="dtype of the weights in OUT/<task>.safetensors (default fp32; toy SCAR fp16, as shipped)")
     p.add_argument("--vq-warmup", type=int, default=0, help="--task vq --arch next-token: train as a plain autoencoder "
-                   "for this many steps, then seed the codebook with one code per distinct image patch (the toy recipe; README)")
+                   "for this many steps, then seed the codebook with one code per distinct image patch (the toy recipe; docs/toy.md)")
     p.add_argument("--dist-timeout", type=float, default=600, help="seconds a process waits for the others at a "
                    "collective before the job ends, naming the ranks that did not arrive (torchrun)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
