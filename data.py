@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from model import vocabulary
@@ -610,6 +610,108 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="captions encoded together")
     p.error = lambda message: p.exit(2, f"error: {message} (data.py --help lists the flags)\n")  # one line, no usage
     return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- drawings made outside the generator
+
+DRAWN_EDITS = ("recolor", "remove", "reshape", "background")
+DRAWN_SUPERSAMPLE = 4  # drawn at 4x and downsampled: anti-aliased edges, as a paint program draws them
+
+
+def jitter(rgb, rng, amount: int = 24) -> tuple[int, ...]:
+    """A drawing's version of a palette colour: each channel off by up to `amount` levels."""
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+
+
+def draw_shape(draw, kind: str, cx: float, cy: float, r: float, fill):
+    """One shape with PIL's ImageDraw, in the generator's proportions (square half-side 0.85 r; triangle apex
+    at -r, base 2 r wide at 0.8 r) but with none of its code; coordinates in pixels."""
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif kind == "square":
+        draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+    else:
+        half = (0.8 * r + r) / 1.8
+        draw.polygon([(cx, cy - r), (cx - half, cy + 0.8 * r), (cx + half, cy + 0.8 * r)], fill=fill)
+
+
+def drawn_scene(rng, n_shapes: int):
+    """Shapes anywhere, radius 5-18 % of the side, not overlapping, (kind, colour) pairs distinct."""
+    shapes = []
+    while len(shapes) < n_shapes:
+        kind, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+        r = float(rng.uniform(0.05, 0.18))
+        cx, cy = (float(v) for v in rng.uniform(r, 1 - r, size=2))
+        apart = all(math.hypot(cx - s[2], cy - s[3]) > r + s[4] + 0.02 for s in shapes)
+        if apart and all((kind, color) != s[:2] for s in shapes):
+            shapes.append((kind, color, cx, cy, r))
+    return shapes
+
+
+def render_drawing(background, shapes, size: int, colors: dict) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The picture (size, size, 3) uint8 and each shape's coverage (size, size) in [0, 1]: drawn at 4x and
+    area-averaged down, so a pixel outside every shape keeps the background exactly."""
+    big = size * DRAWN_SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(canvas)
+    footprints = []
+    for kind, color, cx, cy, r in shapes:
+        draw_shape(draw, kind, cx * big, cy * big, r * big, colors[color])
+        mask = Image.new("L", (big, big), 0)
+        draw_shape(ImageDraw.Draw(mask), kind, cx * big, cy * big, r * big, 255)
+        footprints.append(np.asarray(mask.resize((size, size), Image.BOX)) / 255)
+    return np.asarray(canvas.resize((size, size), Image.BOX)), footprints
+
+
+class DrawnEdits(torch.utils.data.Dataset):
+    """A held-out check made with drawing code that is not the generator's: PIL's ImageDraw, anti-aliased,
+    shapes anywhere at any radius of 5-18 % of the side, every colour (background included) off the palette by
+    up to 24 levels per channel, one recolor, remove, reshape or background edit each, phrased by the toy's
+    templates. Items as ToyEdits' (source, target, mask, text, kind); the mask covers every pixel the edited
+    shapes touch before or after (for background edits: every pixel no shape touches)."""
+
+    def __init__(self, n: int, size: int = 64, seed: int = 0):
+        self.n, self.size, self.seed = n, size, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, 7, i])
+        shapes = drawn_scene(rng, int(rng.integers(1, 4)))
+        colors = {c: jitter(rgb, rng) for c, rgb in {**COLORS, **BACKGROUNDS}.items()}
+        background = str(rng.choice(list(BACKGROUNDS)))
+        j = int(rng.integers(len(shapes)))
+        old, taken = shapes[j], [s[:2] for s in shapes]
+        reshapes = [k for k in SHAPES if k != old[0] and (k, old[1]) not in taken]
+        kind = str(rng.choice([k for k in DRAWN_EDITS if (k != "remove" or len(shapes) > 1) and (k != "reshape" or reshapes)]))
+        same_kind = sum(s[0] == old[0] for s in shapes) > 1
+        ref = f"{old[1]} {old[0]}" if same_kind or rng.random() < 0.5 else old[0]
+        template = str(rng.choice(PHRASES[kind]))
+        after, new_background, changed = list(shapes), background, [j]
+        if kind == "background":
+            new_background = str(rng.choice([c for c in BACKGROUNDS if c != background]))
+            text, changed = template.format(color=new_background), []
+        elif kind == "remove":
+            del after[j]
+            text = template.format(ref=ref)
+        elif kind == "recolor":
+            color = str(rng.choice([c for c in COLORS if (old[0], c) not in taken]))
+            after[j] = (old[0], color, *old[2:])
+            text = template.format(ref=ref, color=color)
+        else:  # reshape
+            new = str(rng.choice(reshapes))
+            after[j] = (new, *old[1:])
+            text = template.format(ref=ref, shape=new, color=old[1])
+        source, before_marks = render_drawing(colors[background], shapes, self.size, colors)
+        target, after_marks = render_drawing(colors[new_background], after, self.size, colors)
+        if kind == "background":  # every pixel where some background shows
+            mask = sum(before_marks, np.zeros((self.size, self.size))) < 1
+        else:
+            mask = (before_marks[j] > 0) | (after_marks[j] > 0 if kind != "remove" else False)
+        image = lambda pixels: to_tensor(Image.fromarray(pixels))
+        return {"source": image(source), "target": image(target), "text": text, "kind": kind,
+                "mask": torch.from_numpy(mask).float()[None]}
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Metrics: a SCAR checkpoint on the toy world's held-out edits.
+"""Metrics: a SCAR checkpoint on the toy world's held-out edits, and on drawings.
 
     python eval.py --bench toy --ckpt checkpoints/toy/edit_next_token/edit.safetensors
 
@@ -7,7 +7,14 @@ source, and per image:
     edit success      inside the edit region the output is closer (MSE) to the target than to the source
     background PSNR   outside the edit region, output vs source (what must not change)
     target PSNR       the whole output vs the ground-truth target
+    exact             the share of edits whose target PSNR is at least 25 dB (the toy's targets are exact, and
+                      edit success alone passes outputs that move, drop or redraw what the edit leaves alone)
 PSNRs are computed per image on [0, 1] pixels (capped at 60 dB for identical images) and averaged.
+
+    python eval.py --bench drawn
+
+measures the same on pictures drawn with PIL's ImageDraw, not the generator (data.DrawnEdits): shapes
+anywhere at radii of 5-18 % of the side, anti-aliased, every colour a little off the palette.
 
     python eval.py --bench toy --ckpt CKPT --teacher-forced
 
@@ -36,12 +43,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import DataError, ToyEdits
+from data import DataError, DrawnEdits, ToyEdits
 from model import load_scar
 from sample import (DEFAULT_CKPT, PLAUSIBILITY, SampleError, check_device, check_sampling, edit_batch, frozen_parts,
                     text_condition)
 
 MAX_PSNR = 60.0
+EXACT_PSNR = 25.0  # the strict measure: an output within this PSNR of the exact target, over the whole image
 
 
 def psnr(a, b, region):  # a, b (B, 3, H, W) in [-1, 1], region (B, 1, H, W) in {0, 1} -> (B,)
@@ -56,12 +64,18 @@ def edit_success(out, source, target, mask):  # (B,) bool
     return to_target < to_source
 
 
-def toy_batches(meta, n, batch, seed, device, split="heldout", varied=False):
-    """(items, source, target, mask) of the first n edits of a split, `batch` at a time, with a progress bar;
-    `varied`: the instructions phrased as users type them (data.vary), else as the templates give them."""
-    data = ToyEdits(n, split, size=meta["image_size"], seed=seed, varied=varied)
-    for first in tqdm(range(0, n, batch), desc=f"{split} edits"):
-        items = [data[i] for i in range(first, min(n, first + batch))]
+def edit_data(bench: str, meta: dict, n: int, seed: int, split="heldout", varied=False):
+    """The first n edits a bench scores: the toy world's split (`varied`: instructions phrased as users type
+    them, data.vary), or drawings made outside the generator (data.DrawnEdits)."""
+    if bench == "drawn":
+        return DrawnEdits(n, size=meta["image_size"], seed=seed)
+    return ToyEdits(n, split, size=meta["image_size"], seed=seed, varied=varied)
+
+
+def edit_batches(data, batch: int, device):
+    """(items, source, target, mask) of every edit of `data`, `batch` at a time, with a progress bar."""
+    for first in tqdm(range(0, len(data), batch), desc="edits"):
+        items = [data[i] for i in range(first, min(len(data), first + batch))]
         yield items, *(torch.stack([it[k] for it in items]).to(device) for k in ("source", "target", "mask"))
 
 
@@ -75,14 +89,14 @@ def load_editor(ckpt: Path):
 
 @torch.no_grad()
 def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu", plausibility=PLAUSIBILITY,
-             split="heldout", varied=False) -> dict:
+             split="heldout", varied=False, bench="toy") -> dict:
     model, meta = load_editor(ckpt)
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     generator = torch.Generator(device).manual_seed(seed)
     success, background, target_psnr, kinds = [], [], [], []
     start = time.perf_counter()
-    for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split, varied):
+    for items, source, target, mask in edit_batches(edit_data(bench, meta, n, seed, split, varied), batch, device):
         out = edit_batch(model, meta, dino, vq, source, [it["text"] for it in items], cfg, top_k=top_k, generator=generator,
                          t5=t5, plausibility=plausibility)
         success.append(edit_success(out, source, target, mask))
@@ -93,9 +107,10 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
     success, background, target_psnr = torch.cat(success).float(), torch.cat(background), torch.cat(target_psnr)
     per_kind = {k: round(100 * success[[i for i, kk in enumerate(kinds) if kk == k]].mean().item(), 1)
                 for k in sorted(set(kinds))}
-    return {"checkpoint": str(ckpt), "arch": meta["arch"], "split": split, "varied": varied, "n": n, "cfg": cfg,
-            "plausibility": plausibility, "top_k": top_k,
+    return {"checkpoint": str(ckpt), "arch": meta["arch"], "bench": bench, "split": split, "varied": varied, "n": n,
+            "cfg": cfg, "plausibility": plausibility, "top_k": top_k,
             "seed": seed, "edit_success_pct": round(100 * success.mean().item(), 1),
+            "exact_pct": round(100 * (target_psnr >= EXACT_PSNR).float().mean().item(), 1),
             "background_psnr_db": round(background.mean().item(), 2), "target_psnr_db": round(target_psnr.mean().item(), 2),
             "images_per_s": round(n / seconds, 2), "edit_success_by_kind_pct": per_kind}
 
@@ -124,7 +139,7 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     right, count, along, length = {}, {}, {}, {}
-    for items, source, target, mask in toy_batches(meta, n, batch, seed, device, split):
+    for items, source, target, mask in edit_batches(edit_data("toy", meta, n, seed, split), batch, device):
         F_s, F_t = (dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float() for x in (source, target))
         text, text_mask = text_condition(model, [it["text"] for it in items], t5, device)
         codes = vq.encode(target)  # (B, h, w)
@@ -150,7 +165,8 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", choices=["toy"], required=True, help="toy: the toy world's held-out split")
+    p.add_argument("--bench", choices=["toy", "drawn"], required=True, help="toy: the toy world's held-out split; "
+                   "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off)")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model)")
     p.add_argument("--n", type=int, default=200, help="edits to evaluate")
     p.add_argument("--batch", type=int, default=25, help="edits generated together")
@@ -184,9 +200,11 @@ def main(argv=None):
             raise SampleError(f"--json {args.json}: the folder {args.json.parent} does not exist")
         if args.json and args.json.is_dir():
             raise SampleError(f"--json {args.json}: is a directory")
+        if args.bench == "drawn" and (args.split != "heldout" or args.varied or args.teacher_forced):
+            raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
         result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced else \
             evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility, args.split,
-                     args.varied)
+                     args.varied, args.bench)
     except (SampleError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -208,12 +226,14 @@ def main(argv=None):
 
 def print_table(result):
     rows = [("edit success", f"{result['edit_success_pct']:.1f} %"),
+            (f"exact (>= {EXACT_PSNR:g} dB)", f"{result['exact_pct']:.1f} %"),
             ("background PSNR", f"{result['background_psnr_db']:.2f} dB"),
             ("PSNR vs target", f"{result['target_psnr_db']:.2f} dB"),
             ("images / s", f"{result['images_per_s']:.2f}")]
     rows += [(f"  success: {k}", f"{v:.1f} %") for k, v in result["edit_success_by_kind_pct"].items()]
     phrased = ", varied phrasings" if result["varied"] else ""
-    print(f"{result['arch']} on {result['n']} {result['split']} toy edits{phrased} (cfg {result['cfg']}, plausibility "
+    edits = "drawn edits" if result["bench"] == "drawn" else f"{result['split']} toy edits{phrased}"
+    print(f"{result['arch']} on {result['n']} {edits} (cfg {result['cfg']}, plausibility "
           f"{result['plausibility']}, top-k {result['top_k']}, seed {result['seed']})")
     for name, value in rows:
         print(f"  {name:<24}{value:>12}")

@@ -244,3 +244,22 @@ def test_load_image_modes_and_orientation(tmp_path):
     assert load_image(tmp_path / "rot.jpg").size == (4, 6)
     with pytest.raises(DataError, match="is a directory"):
         load_image(tmp_path)
+
+
+def test_drawn_edits_are_drawn_outside_the_generator():
+    """DrawnEdits: anti-aliased (colours between the palette's), off-palette backgrounds, the edit inside its mask."""
+    from data import BACKGROUNDS, DrawnEdits
+    data = DrawnEdits(12, size=64, seed=0)
+    kinds, colours = set(), 0
+    for i in range(len(data)):
+        item = data[i]
+        kinds.add(item["kind"])
+        source, target, mask = item["source"], item["target"], item["mask"]
+        assert source.shape == target.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
+        assert torch.equal(source * (1 - mask), target * (1 - mask)) and not torch.equal(source, target)
+        pixels = {tuple(p) for p in ((source + 1) * 127.5).round().int().flatten(1).t().tolist()}
+        colours = max(colours, len(pixels))
+        corner = tuple(((source[:, 0, 0] + 1) * 127.5).round().int().tolist())
+        assert corner not in BACKGROUNDS.values() or i  # a drawing's white is not exactly the generator's
+    assert {"recolor", "remove", "background"} <= kinds and colours > 20  # edge pixels mix colours: anti-aliased
+    assert torch.equal(DrawnEdits(12, size=64, seed=0)[5]["source"], data[5]["source"])  # deterministic

@@ -185,6 +185,7 @@ CASES = [
      "not a SCAR checkpoint"),
     ("eval: unknown device", [*EVAL, "--device", "gpu"], "not a device"),
     ("eval: --cfg nan", [*EVAL, "--cfg", "nan"], "--cfg must be a finite number"),
+    ("eval: --bench drawn --varied", [*EVAL[:2], "drawn", *EVAL[3:], "--varied"], "are for --bench toy"),
     ("t5-features: --batch 0", [*T5, "--batch", "0"], "--batch must be at least 1"),
     ("t5-features: --batch -1", [*T5, "--batch", "-1"], "--batch must be at least 1"),
     ("t5-features: a manifest not in UTF-8", ["data.py", "t5-features", "--data", "{root}/latin1", "--t5",

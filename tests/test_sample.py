@@ -150,9 +150,23 @@ def test_eval_reports_every_metric(ckpts, tmp_path, capsys):
     assert "--plausibility must be between 0 and 1" in capsys.readouterr().err
 
 
+def test_eval_on_drawings_and_the_strict_measure(ckpts, monkeypatch, capsys):
+    """--bench drawn scores DrawnEdits; exact counts the outputs within 25 dB of the target: the targets
+    themselves, fed back as outputs, are all exact, the sources of non-background edits are not."""
+    evaluation.main(["--bench", "drawn", "--ckpt", str(ckpts["next-token"]), "--n", "4", "--batch", "2"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["bench"] == "drawn" and 0 <= result["exact_pct"] <= result["edit_success_pct"] + 100
+    items = [evaluation.DrawnEdits(6, size=32)[i] for i in range(6)]
+    monkeypatch.setattr(evaluation, "edit_batch", lambda *a, **k: torch.stack([it["target"] for it in items]))
+    monkeypatch.setattr(evaluation, "edit_data", lambda *a, **k: items)
+    perfect = evaluation.evaluate(ckpts["next-token"], n=6, batch=6)
+    assert perfect["exact_pct"] == 100.0 and perfect["edit_success_pct"] == 100.0
+
+
 def test_eval_varied_phrasings_reach_the_model(ckpts, capsys):
     meta = {"image_size": 32}
-    plain, varied = ([it["text"] for it in next(evaluation.toy_batches(meta, 8, 8, 0, "cpu", varied=v))[0]] for v in (False, True))
+    data = [evaluation.edit_data("toy", meta, 8, 0, varied=v) for v in (False, True)]
+    plain, varied = ([d[i]["text"] for i in range(len(d))] for d in data)
     assert plain != varied and [t.lower() for t in plain] == [t.lower().removeprefix("please ").rstrip(".!") for t in varied]
     evaluation.main(["--bench", "toy", "--ckpt", str(ckpts["next-token"]), "--n", "2", "--batch", "2", "--varied"])
     out = capsys.readouterr().out
