@@ -636,24 +636,18 @@ def log_line(path: Path, record: dict):
 # ---------------------------------------------------------------- the loop
 
 
-def batches(data, run, args, epoch: int, start: int):
-    """Per-process micro-batches of one epoch, from sample position `start` of this rank's share."""
-    sampler = DistributedSampler(data, run.world, run.rank, shuffle=True, seed=args.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    micro = args.micro_batch_size or args.batch_size // run.world
-    # A generator of its own: creating a loader must not draw from the global RNG, or a resumed run
-    # (which creates one more loader) would drift from the uninterrupted one.
-    return DataLoader(torch.utils.data.Subset(data, list(sampler)[start:]), batch_size=micro, shuffle=False,
-                      num_workers=args.workers, collate_fn=collate, drop_last=True,
-                      generator=torch.Generator().manual_seed(args.seed + epoch))
-
-
-def micro_batches(data, run, args, epoch: int, pos: int):
+def micro_batches(data, run, args, micro: int, epoch: int, pos: int):
     """This rank's micro-batches from sample position `pos` of `epoch` on, epoch after epoch; yields each batch
     with the data position after it, (epoch, position), as the checkpoint stores it."""
-    micro = args.micro_batch_size or args.batch_size // run.world
     while True:
-        for batch in batches(data, run, args, epoch, pos):
+        sampler = DistributedSampler(data, run.world, run.rank, shuffle=True, seed=args.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        # A generator of its own: creating a loader must not draw from the global RNG, or a resumed run
+        # (which creates one more loader) would drift from the uninterrupted one.
+        loader = DataLoader(torch.utils.data.Subset(data, list(sampler)[pos:]), batch_size=micro, shuffle=False,
+                            num_workers=args.workers, collate_fn=collate, drop_last=True,
+                            generator=torch.Generator().manual_seed(args.seed + epoch))
+        for batch in loader:
             pos += micro
             yield batch, (epoch, pos)
         epoch, pos = epoch + 1, 0
@@ -725,7 +719,7 @@ def train(args, run: Dist):
               file=sys.stderr)
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.task} {args.arch}", disable=run.rank != 0, dynamic_ncols=True)
     model.train()  # the frozen DINOv2 and tokenizer stay in eval mode
-    stream = micro_batches(data, run, args, epoch, pos)
+    stream = micro_batches(data, run, args, micro, epoch, pos)
     pending = None  # (step, data position, RNG) of a checkpoint to write once its weights gave a finite step
     try:  # the bar ends its line before any error is printed
         while step < args.steps:
