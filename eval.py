@@ -16,6 +16,13 @@ PSNRs are computed per image on [0, 1] pixels (capped at 60 dB for identical ima
 measures the same on pictures drawn with PIL's ImageDraw, not the generator (data.DrawnEdits): shapes
 anywhere at radii of 5-18 % of the side, anti-aliased, every colour a little off the palette.
 
+    python eval.py --bench vq --ckpt runs/toy/vq/vq.safetensors
+
+scores a tokenizer alone (a toy export, or the one a SCAR checkpoint names) on the sources and targets of
+the held-out toy edits and of the drawings: whole-image reconstruction PSNR, and edge sharpness (the
+reconstruction's gradient magnitude on the original's edge pixels over the original's: 1 = as sharp,
+a blur less, ringing more).
+
     python eval.py --bench toy --ckpt CKPT --teacher-forced
 
 (next-token) says where a model fails rather than how much: the share of target codes it predicts
@@ -42,14 +49,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, read_meta
 from data import DataError, DrawnEdits, ToyEdits
 from model import load_scar
+from vq import load_msvq, load_vq
 from sample import (DEFAULT_CKPT, PLAUSIBILITY, SampleError, check_device, check_sampling, edit_batch, frozen_parts,
                     text_condition)
 
 MAX_PSNR = 60.0
 EXACT_PSNR = 25.0  # the strict measure: an output within this PSNR of the exact target, over the whole image
+EDGE = 0.25  # edge pixels: a gradient magnitude above this, on [-1, 1] pixels (a flat side of a shape is ~1-3)
 
 
 def psnr(a, b, region):  # a, b (B, 3, H, W) in [-1, 1], region (B, 1, H, W) in {0, 1} -> (B,)
@@ -115,6 +124,47 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
             "images_per_s": round(n / seconds, 2), "edit_success_by_kind_pct": per_kind}
 
 
+def load_tokenizer(ckpt: Path, device):
+    """A toy tokenizer export (train.py --task vq), or the tokenizer a SCAR checkpoint names."""
+    meta = read_meta(ckpt)
+    if "task" in meta:
+        return frozen_parts(meta, ckpt, device)[1]
+    if meta.get("kind") == "msvq":
+        return load_msvq(ckpt, patch_nums=tuple(meta["patch_nums"])).to(device)
+    if meta.get("kind") == "vq":
+        return load_vq(ckpt).to(device)
+    raise SampleError(f"{ckpt}: neither a tokenizer nor a SCAR checkpoint")
+
+
+def gradient(x):  # (B, 3, H, W) -> (B, H - 1, W - 1) colour gradient magnitude
+    dy, dx = x[:, :, 1:, 1:] - x[:, :, :-1, 1:], x[:, :, 1:, 1:] - x[:, :, 1:, :-1]
+    return (dy.pow(2) + dx.pow(2)).sum(1).sqrt()
+
+
+def edge_sharpness(recon, img):  # (B, 3, H, W) x2 -> (B,)
+    g, g_recon = gradient(img), gradient(recon)
+    edges = g > EDGE
+    return (g_recon * edges).sum((1, 2)) / (g * edges).sum((1, 2)).clamp(min=1e-8)
+
+
+@torch.no_grad()
+def reconstruction(ckpt: Path, n=200, batch=25, seed=0, device="cpu") -> dict:
+    """The tokenizer's round trip (encode, decode) on the n held-out toy edits' and n drawings' images."""
+    vq = load_tokenizer(ckpt, device)
+    size = vq.downsample * 8  # the toy tokenizers' 8 x 8 latent grid: 64 px
+    result = {"checkpoint": str(ckpt), "bench": "vq", "n": n, "seed": seed}
+    for name, data in (("toy", ToyEdits(n, "heldout", size=size, seed=seed)), ("drawn", DrawnEdits(n, size=size, seed=seed))):
+        scores, sharp = [], []
+        for _, source, target, _ in edit_batches(data, batch, device):
+            img = torch.cat([source, target])
+            recon = vq.decode(vq.encode(img)).clamp(-1, 1)
+            scores.append(psnr(recon, img, torch.ones_like(img[:, :1])))
+            sharp.append(edge_sharpness(recon, img))
+        result[name] = {"psnr_db": round(torch.cat(scores).mean().item(), 2),
+                        "edge_sharpness": round(torch.cat(sharp).mean().item(), 3)}
+    return result
+
+
 def token_kinds(codes):
     """Masks (B, h, w) bool of background, first-of-shape and rest-of-shape tokens of source codes (B, h, w);
     the background is each image's most frequent code."""
@@ -165,9 +215,11 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", choices=["toy", "drawn"], required=True, help="toy: the toy world's held-out split; "
-                   "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off)")
-    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model)")
+    p.add_argument("--bench", choices=["toy", "drawn", "vq"], required=True, help="toy: the toy world's held-out split; "
+                   "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off); "
+                   "vq: the tokenizer's reconstructions of both")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model); "
+                   "with --bench vq also a tokenizer export")
     p.add_argument("--n", type=int, default=200, help="edits to evaluate")
     p.add_argument("--batch", type=int, default=25, help="edits generated together")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
@@ -200,11 +252,14 @@ def main(argv=None):
             raise SampleError(f"--json {args.json}: the folder {args.json.parent} does not exist")
         if args.json and args.json.is_dir():
             raise SampleError(f"--json {args.json}: is a directory")
-        if args.bench == "drawn" and (args.split != "heldout" or args.varied or args.teacher_forced):
+        if args.bench != "toy" and (args.split != "heldout" or args.varied or args.teacher_forced):
             raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
-        result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced else \
-            evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility, args.split,
-                     args.varied, args.bench)
+        if args.bench == "vq":
+            result = reconstruction(args.ckpt, args.n, args.batch, args.seed, args.device)
+        else:
+            result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced \
+                else evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility,
+                              args.split, args.varied, args.bench)
     except (SampleError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -215,6 +270,10 @@ def main(argv=None):
         print("L_align: how far H_s goes from P_s towards P_t where the edit is (0 % = the source, 100 % = the target)")
         for kind, pct in result["align_edit_progress_pct"].items():
             print(f"  {kind:<24}{pct:>8.1f} %")
+    elif args.bench == "vq":
+        print(f"tokenizer round trip on the images of {result['n']} held-out toy edits and {result['n']} drawings")
+        for name in ("toy", "drawn"):
+            print(f"  {name:<8}PSNR {result[name]['psnr_db']:6.2f} dB   edge sharpness {result[name]['edge_sharpness']:.3f}")
     else:
         print_table(result)
     print(json.dumps(result))

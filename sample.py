@@ -198,7 +198,9 @@ def check_output(path: Path) -> None:
 
 def fit_square(img: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Pad the shorter side with the image's border colour (the background of a drawing), then resize
-    to size x size; returns the padded box so the output can be cropped back to the input's shape."""
+    to size x size; returns the padded box so the output can be cropped back to the input's shape. A larger
+    drawing is reduced by averaging the pixels under each model pixel (box filter), as the toy world renders
+    its anti-aliased edges, so a drawing's sharp edge arrives as the toy's, without a bicubic halo."""
     w, h = img.size
     side = max(w, h)
     border = np.concatenate([np.asarray(img)[[0, -1]].reshape(-1, 3), np.asarray(img)[:, [0, -1]].reshape(-1, 3)])
@@ -206,7 +208,7 @@ def fit_square(img: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int
     canvas = Image.new("RGB", (side, side), fill)
     box = ((side - w) // 2, (side - h) // 2, (side - w) // 2 + w, (side - h) // 2 + h)
     canvas.paste(img, box[:2])
-    return canvas.resize((size, size), Image.BICUBIC), box
+    return canvas.resize((size, size), Image.BOX if side >= size else Image.BICUBIC), box
 
 
 def unfit(out: Image.Image, box, side: int, size: tuple[int, int]) -> Image.Image:

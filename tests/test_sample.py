@@ -247,3 +247,29 @@ def test_psnr_and_success_metrics():
     target, source = torch.ones(1, 3, 4, 4), -torch.ones(1, 3, 4, 4)
     assert evaluation.edit_success(target * 0.9, source, target, region).item()
     assert not evaluation.edit_success(source * 0.9, source, target, region).item()
+
+
+def test_edge_sharpness_is_one_for_the_original_and_less_for_a_blur():
+    img = -torch.ones(1, 3, 32, 32)
+    img[:, 0, 8:24, 8:24] = 1.0  # a red square: hard edges
+    blurred = torch.nn.functional.avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
+    assert abs(evaluation.edge_sharpness(img, img).item() - 1) < 1e-6
+    assert evaluation.edge_sharpness(blurred, img).item() < 0.7
+    assert evaluation.edge_sharpness(torch.zeros_like(img), img).item() == 0
+
+
+def test_eval_scores_a_tokenizer(ckpts, tmp_path, monkeypatch, capsys):
+    """--bench vq reads a tokenizer export or the one a SCAR checkpoint names; a lossless round trip scores
+    the PSNR cap and a sharpness of 1."""
+    frozen = ckpts["next-token"].parent.parent
+    for ckpt in (frozen / "vq.safetensors", frozen / "msvq.safetensors", ckpts["next-scale"]):
+        evaluation.main(["--bench", "vq", "--ckpt", str(ckpt), "--n", "2", "--batch", "2"])
+        result = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert set(result) >= {"toy", "drawn"} and all(0 < result[k]["psnr_db"] < 60 for k in ("toy", "drawn"))
+
+    class Lossless:
+        downsample = 8
+        encode = decode = staticmethod(lambda x: x)
+    monkeypatch.setattr(evaluation, "load_tokenizer", lambda *a: Lossless())
+    result = evaluation.reconstruction(ckpts["next-token"], n=3, batch=3)
+    assert result["toy"] == result["drawn"] == {"psnr_db": 60.0, "edge_sharpness": 1.0}
