@@ -54,7 +54,7 @@ from data import DataError, DrawnEdits, ToyEdits
 from model import load_scar
 from vq import load_msvq, load_vq
 from sample import (DEFAULT_CKPT, PLAUSIBILITY, SampleError, check_device, check_sampling, edit_batch, frozen_parts,
-                    text_condition)
+                    text_condition, tokenizer_of)
 
 MAX_PSNR = 60.0
 EXACT_PSNR = 25.0  # the strict measure: an output within this PSNR of the exact target, over the whole image
@@ -127,8 +127,8 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
 def load_tokenizer(ckpt: Path, device):
     """A toy tokenizer export (train.py --task vq), or the tokenizer a SCAR checkpoint names."""
     meta = read_meta(ckpt)
-    if "task" in meta:
-        return frozen_parts(meta, ckpt, device)[1]
+    if "task" in meta:  # only the tokenizer: a T5 model's text encoder is not needed here
+        return tokenizer_of(meta, ckpt, device)
     if meta.get("kind") == "msvq":
         return load_msvq(ckpt, patch_nums=tuple(meta["patch_nums"])).to(device)
     if meta.get("kind") == "vq":

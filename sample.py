@@ -216,15 +216,18 @@ def unfit(out: Image.Image, box, side: int, size: tuple[int, int]) -> Image.Imag
     return out.resize((side, side), Image.BICUBIC).crop(box).resize(size, Image.BICUBIC)
 
 
+def tokenizer_of(meta: dict, ckpt: Path, device):
+    """The tokenizer a SCAR checkpoint names, its path relative to the checkpoint's folder."""
+    vq_path = ckpt.parent / meta["vq"]["path"]
+    if meta["arch"] == "next-scale":
+        return load_msvq(vq_path, patch_nums=tuple(meta["vq"]["patch_nums"])).to(device)
+    return load_vq(vq_path).to(device)
+
+
 def frozen_parts(meta: dict, ckpt: Path, device, t5=None):
     """The DINOv2, tokenizer and (for T5 models) text encoder a SCAR checkpoint names, paths relative to
     the checkpoint's folder; `t5` overrides the T5 folder recorded at training."""
-    dino = load_dinov2(ckpt.parent / meta["dino"]["path"]).to(device)
-    vq_path = ckpt.parent / meta["vq"]["path"]
-    if meta["arch"] == "next-scale":
-        vq = load_msvq(vq_path, patch_nums=tuple(meta["vq"]["patch_nums"])).to(device)
-    else:
-        vq = load_vq(vq_path).to(device)
+    dino, vq = load_dinov2(ckpt.parent / meta["dino"]["path"]).to(device), tokenizer_of(meta, ckpt, device)
     text = meta["text"]
     if text["kind"] != "t5":
         return dino, vq, None
