@@ -15,7 +15,8 @@ KINDS = ("conv+resize", "resize", "unshuffle")
 
 
 class SemanticCompressor(nn.Module):
-    def __init__(self, C: int, k: int = 2, kind: str = "conv+resize"):
+    def __init__(self, C: int, k: int = 2, kind: str = "conv+resize", reconstruct: bool = True):
+        """reconstruct=False builds no U_k (the ablation without L_pres: pres_loss is then 0)."""
         super().__init__()
         if k not in (1, 2, 4):
             raise ValueError(f"compression k must be 1, 2 or 4 per side, got {k}")
@@ -28,8 +29,9 @@ class SemanticCompressor(nn.Module):
             self.conv = nn.Conv2d(C, C, 3, stride=k, padding=1)  # C_k
         if kind == "unshuffle":
             self.fold = nn.Linear(C * k * k, C)
-        self.up = nn.Sequential(  # U_k
-            nn.Conv2d(C, C * k * k, 3, padding=1), nn.PixelShuffle(k), nn.Conv2d(C, C, 3, padding=1))
+        if reconstruct:
+            self.up = nn.Sequential(  # U_k
+                nn.Conv2d(C, C * k * k, 3, padding=1), nn.PixelShuffle(k), nn.Conv2d(C, C, 3, padding=1))
 
     def forward(self, F_s):  # (B, h, w, C) -> F_c (B, h/k, w/k, C)
         k = self.k
@@ -48,7 +50,7 @@ class SemanticCompressor(nn.Module):
 
     def pres_loss(self, F_s, F_c):
         """L_pres = MSE(U_k(F_c), F_s): what the compression drops must stay recoverable."""
-        if self.k == 1:
+        if not hasattr(self, "up"):
             return F_s.new_zeros(())
         rebuilt = self.up(F_c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return F.mse_loss(rebuilt.float(), F_s.float())

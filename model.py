@@ -120,7 +120,7 @@ class Prefix(NamedTuple):
     valid: torch.Tensor  # (B, P) bool, False at padded text slots
     n_image: int  # the first n_image positions are P_s
     causal: bool  # mask mode, see attention_mask
-    rope: torch.Tensor | None = None  # next-token: (P, head_dim / 2, 2), zero rows for text and class tokens
+    rope: torch.Tensor | None = None  # next-token: (P, head_dim / 2, 2); text and class tokens: GPTConfig.text_rope
     cond: torch.Tensor | None = None  # next-scale: (B, D) AdaLN condition (class or pooled text embedding)
 
     def cat(self, other: "Prefix") -> "Prefix":  # along the batch, e.g. [cond ; uncond] for CFG
@@ -160,6 +160,10 @@ class GPTConfig:
     text_len: int = 120  # caption or word slots (1 for a class)
     block_size: int | None = None  # image tokens; None: the number of tokens of each call
     rope_base: float = 10000.0
+    # Rotary rows of text and class tokens: "zero" as LlamaGen (their q and k are then zero, so every query gives
+    # every text key the same logit; official weights need it), or "identity" (unrotated: text keys get logits
+    # that depend on the text), an ablation for backbones trained from scratch.
+    text_rope: str = "zero"
     norm_eps: float = 1e-5
     dropout: float = 0.0  # while training, on the input tokens, the attention and feed-forward outputs (LlamaGen: 0.1)
 
@@ -323,6 +327,8 @@ class NextTokenTransformer(nn.Module):
             self.cls_embedding = WordEmbedder(len(cfg.words), cfg.dim, cfg.text_len)
         else:
             raise ValueError(f"cond must be 'class', 'caption' or 'words', got {cfg.cond!r}")
+        if cfg.text_rope not in ("zero", "identity"):
+            raise ValueError(f"text_rope must be 'zero' or 'identity', got {cfg.text_rope!r}")
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -345,18 +351,24 @@ class NextTokenTransformer(nn.Module):
             raise ValueError(f"cond_mask must be (B, T) = {tuple(h.shape[:2])}, got {tuple(valid.shape)}")
         return h, valid
 
+    def text_rope(self, n: int) -> torch.Tensor:  # (n, head_dim / 2, 2) rotary rows of n text tokens
+        rows = torch.zeros(n, self.head_dim // 2, 2)
+        if self.cfg.text_rope == "identity":
+            rows[..., 0] = 1  # cos 1, sin 0
+        return rows
+
     def prefix(self, cond, cond_mask=None, drop_text=None) -> Prefix:
-        """The official prefix: the condition alone, zero rotary rows, plain causal attention."""
+        """The official prefix: the condition alone, text rotary rows, plain causal attention."""
         h, valid = self.text_prefix(cond, cond_mask, drop_text)
-        return Prefix(h, valid, 0, True, rope=h.new_zeros(h.shape[1], self.head_dim // 2, 2, dtype=torch.float32))
+        return Prefix(h, valid, 0, True, rope=self.text_rope(h.shape[1]).to(h.device))
 
     def image_text_prefix(self, P_s, grid, text, cond_mask, drop_text, causal) -> Prefix:
         """[P_s ; T_t] for SCAR: P_s (B, h*w, D) on its own h x w rotary grid at rows and columns
-        -max(h, w) .. (before the target grid, which starts at 0, so no cell coincides), T_t with zero rows."""
+        -max(h, w) .. (before the target grid, which starts at 0, so no cell coincides), T_t with text rows."""
         (h, w), B = grid, P_s.shape[0]
         T_t, text_valid = self.text_prefix(text, cond_mask, drop_text)
         rope = torch.cat([grid_rope(h, w, self.head_dim, self.cfg.rope_base, offset=-max(h, w)),
-                          torch.zeros(T_t.shape[1], self.head_dim // 2, 2)]).to(P_s.device)
+                          self.text_rope(T_t.shape[1])]).to(P_s.device)
         valid = torch.cat([text_valid.new_ones(B, h * w), text_valid], 1)
         return Prefix(torch.cat([P_s, T_t.to(P_s.dtype)], 1), valid, h * w, causal, rope=rope)
 
@@ -726,6 +738,7 @@ class SCARConfig:
     k: int = 2  # compression per side: k^2 x fewer prefix tokens (paper: 4x)
     compressor: str = "conv+resize"
     delta: float = 0.5  # weight of L_align
+    pres_weight: float = 1.0  # weight of L_pres; 0 builds no U_k (the paper's Table 4, "w/o L_pres")
     stop_grad_target: bool = False  # detach P_t (the released code lets gradients into it)
     causal: bool = False  # plain causal attention instead of the paper's bidirectional prefix
     drop_text: float = 0.05  # CFG dropouts (EditAR): text only, image prefix only, both
@@ -741,7 +754,7 @@ class SCAR(nn.Module):
         P_s = W F_c,  P_t = W P_k(F_t)      one Linear(C, D) shared by source and target
         H = backbone([P_s ; T_t ; targets]) under attention_mask
         L_CE on the targets,  L_pres = |F_s - U_k(F_c)|^2,  L_align = |H_s - P_t|^2, H_s = H at P_s
-        loss = L_CE + L_pres + delta * L_align
+        loss = L_CE + pres_weight * L_pres + delta * L_align
 
     Next-token: P_s tokens carry 2D rotary positions on their own grid (image_text_prefix), H is the
     final-RMSNormed output. Next-scale: P_s tokens carry learned positions (`prefix_pos`), the
@@ -754,7 +767,7 @@ class SCAR(nn.Module):
         super().__init__()
         self.cfg, self.backbone = cfg, backbone
         D = backbone.cfg.dim
-        self.compressor = SemanticCompressor(cfg.feature_dim, cfg.k, cfg.compressor)
+        self.compressor = SemanticCompressor(cfg.feature_dim, cfg.k, cfg.compressor, reconstruct=cfg.pres_weight > 0)
         self.proj = nn.Linear(cfg.feature_dim, D, bias=False)
         self.null_prefix = nn.Parameter(torch.randn(D) * 0.02)  # replaces P_s when the image is dropped
         if isinstance(backbone, NextScaleTransformer):
@@ -806,7 +819,7 @@ class SCAR(nn.Module):
         if self.cfg.stop_grad_target:
             P_t = P_t.detach()
         align = self.align_loss(H[:, :prefix.n_image], P_t, drop_image)
-        return {"ce": ce, "pres": pres, "align": align, "loss": ce + pres + self.cfg.delta * align}
+        return {"ce": ce, "pres": pres, "align": align, "loss": ce + self.cfg.pres_weight * pres + self.cfg.delta * align}
 
     @staticmethod
     def align_loss(H_s, P_t, drop_image=None):

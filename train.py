@@ -122,6 +122,11 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=2, choices=[1, 2, 4], help="compression per side (k^2 fewer prefix tokens)")
     p.add_argument("--compressor", default="conv+resize", choices=["conv+resize", "resize", "unshuffle"])
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
+    p.add_argument("--pres-weight", type=float, default=1.0,
+                   help="weight of L_pres; 0 builds no reconstruction head U_k (the paper's Table 4, w/o L_pres)")
+    p.add_argument("--text-rope", choices=["zero", "identity"], default="zero",
+                   help="next-token, new backbones: rotary rows of the text tokens, zero as LlamaGen (their q and k are "
+                   "then zero: every text key gets the same logit) or identity (an ablation); --init keeps zero")
     p.add_argument("--causal", action="store_true", help="plain causal attention (ablation) instead of the prefix mask")
     p.add_argument("--stop-grad-target", action="store_true",
                    help="no gradient into P_t through L_align (on the toy the compressor's output then grows, and "
@@ -197,6 +202,10 @@ def check_args(p, args):
         p.error(f"--lr must be a positive finite number, got {args.lr}")
     if not (math.isfinite(args.delta) and args.delta >= 0):
         p.error(f"--delta must be a finite number >= 0, got {args.delta}")
+    if not (math.isfinite(args.pres_weight) and args.pres_weight >= 0):
+        p.error(f"--pres-weight must be a finite number >= 0, got {args.pres_weight}")
+    if args.text_rope != "zero" and (args.init or args.arch != "next-token"):
+        p.error("--text-rope identity is for new next-token backbones (official weights were trained with zero rows)")
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         p.error(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not 0 <= args.dropout < 1:
@@ -314,7 +323,8 @@ class SCARTask:
         grid = (args.dino_size or args.image_size) // self.dino.cfg.patch_size
         C = self.dino.cfg.dim * (4 if args.dino_layers == "quarters" else 1)
         scar_cfg = SCARConfig(feature_dim=C, feature_grid=grid, k=args.k, compressor=args.compressor,
-                              delta=args.delta, stop_grad_target=args.stop_grad_target, causal=args.causal)
+                              delta=args.delta, pres_weight=args.pres_weight, stop_grad_target=args.stop_grad_target,
+                              causal=args.causal)
         self.model = SCAR(scar_cfg, self.backbone(data)).to(device)
         if args.init and int(os.environ.get("RANK", 0)) == 0:
             print(f"{args.init}: backbone loaded; newly initialised: {', '.join(self.model.new_parameter_names())}",
@@ -351,7 +361,7 @@ class SCARTask:
         if a.model not in GPT_SIZES:
             raise UsageError(f"unknown next-token size {a.model!r}; choose from {', '.join(GPT_SIZES)}")
         return NextTokenTransformer(gpt_config(a.model, **self.text_config(data), vocab_size=self.vq.cfg.codebook_size,
-                                               dropout=a.dropout))
+                                               dropout=a.dropout, text_rope=a.text_rope))
 
     def text_config(self, data) -> dict:
         """How a new backbone reads T_t: T5 features, or the words of the training texts (fixed here, stored

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from checkpoint import CheckpointError
 from compressor import SemanticCompressor
-from model import (SCAR, GPTConfig, NextTokenTransformer, SCARConfig, attention_mask, encode_words, gpt_config,
-                   grid_rope, llamagen_from_state_dict, load_llamagen, vocabulary)
+from model import (SCAR, GPTConfig, NextTokenTransformer, SCARConfig, apply_rope, attention_mask, encode_words,
+                   gpt_config, grid_rope, llamagen_from_state_dict, load_llamagen, vocabulary)
 from sample import generate_tokens
 
 C2I, T2I = FIXTURES / "llamagen_gpt_c2i", FIXTURES / "llamagen_gpt_t2i"
@@ -158,11 +158,13 @@ def test_mask_of_the_official_t2i_prefix(t2i):
 WORDS = vocabulary(["make it blue", "remove", "paint it red", "add a disc"])
 
 
-def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2, dropout=0.0):
+def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2, dropout=0.0, pres_weight=1.0, text_rope="zero"):
     torch.manual_seed(0)
     backbone = NextTokenTransformer(GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=n_kv, ffn_hidden=128,
-                                              vocab_size=vocab, cond="words", words=WORDS, text_len=12, dropout=dropout))
-    return SCAR(SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad), backbone)
+                                              vocab_size=vocab, cond="words", words=WORDS, text_len=12, dropout=dropout,
+                                              text_rope=text_rope))
+    cfg = SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad, pres_weight=pres_weight)
+    return SCAR(cfg, backbone)
 
 
 def batch(B=2, seed=0, vocab=64):
@@ -271,6 +273,47 @@ def test_pres_is_zero_without_compression_and_shapes_of_every_variant():
     assert model(**batch())["pres"] == 0
     with pytest.raises(ValueError, match="divisible"):
         SemanticCompressor(16, 4)(torch.randn(1, 6, 6, 16))
+
+
+def test_pres_weight_zero_builds_no_reconstruction_head():
+    """Table 4's "w/o L_pres": no U_k parameters, pres = 0, and the loss is L_CE + delta L_align alone."""
+    with_pres, without = tiny_scar(), tiny_scar(pres_weight=0.0)
+    assert not hasattr(without.compressor, "up") and hasattr(with_pres.compressor, "up")
+    params = lambda m: sum(p.numel() for p in m.parameters())
+    assert params(with_pres) - params(without) == sum(p.numel() for p in with_pres.compressor.up.parameters()) > 0
+    losses = without(**batch())
+    assert losses["pres"] == 0
+    torch.testing.assert_close(losses["loss"], losses["ce"] + 0.5 * losses["align"])
+    half = tiny_scar(pres_weight=0.5)(**batch())
+    torch.testing.assert_close(half["loss"], half["ce"] + 0.5 * half["pres"] + 0.5 * half["align"])
+
+
+def text_key_logits(model, text, mask):  # first block's attention logits (B, heads, prefix, text keys), pre-mask
+    backbone = model.backbone
+    with torch.no_grad():
+        prefix = model.prefix((torch.randn(text.shape[0], 4, 4, 16, generator=torch.Generator().manual_seed(1)), text), mask)
+        attention = backbone.layers[0].attention
+        x = backbone.layers[0].attention_norm(prefix.h)
+        B, S, D = x.shape
+        kv = attention.n_kv_head * attention.head_dim
+        q, k, _ = attention.wqkv(x).split([D, kv, kv], dim=-1)
+        q = apply_rope(q.view(B, S, attention.n_head, -1), prefix.rope).transpose(1, 2)
+        k = apply_rope(k.view(B, S, attention.n_kv_head, -1), prefix.rope).transpose(1, 2)
+        k = k.repeat_interleave(attention.n_head // attention.n_kv_head, 1)
+    return (q @ k.transpose(-1, -2))[..., prefix.n_image:]
+
+
+def test_text_rope_identity_gives_text_keys_logits_that_depend_on_the_text():
+    """LlamaGen's zero rows make every text key's q.k zero; identity rows leave the text's own keys."""
+    ids, mask = encode_words(["make it blue", "paint it red"], WORDS, 12)
+    zero = text_key_logits(tiny_scar(), ids, mask)
+    assert torch.all(zero == 0)
+    logits = text_key_logits(tiny_scar(text_rope="identity"), ids, mask)
+    words = logits[..., -3:]  # the three words (left-padded)
+    assert words.abs().min() > 0 and not torch.allclose(words[0], words[1])
+    assert not torch.allclose(words[..., 0], words[..., 2])  # a query tells words apart
+    with pytest.raises(ValueError, match="text_rope"):
+        tiny_scar(text_rope="learned")
 
 
 def test_cfg_dropout_rates():
