@@ -37,10 +37,24 @@ the source, 100 % = it reaches the target semantics; edit_progress).
 
 measures the same on edits of the training distribution: with a seed other than training's (0), scenes the
 model never saw, but (edit, shape, colour) triples it did; the held-out split's triples are all new.
+
+    python eval.py --ablate compression
+
+trains every row of one of the paper's ablations on the toy world (train.py, the toy recipe, the same
+--steps and seed for every row, next-token), scores each on the held-out split and prints the table as
+Markdown and JSON (also ABLATIONS/<table>/table.json). A row whose export exists is reused, one with a
+checkpoint is resumed, so an interrupted table continues where it stopped. Tables (ABLATIONS):
+    compression   the paper's Table 4: resize / unshuffle / conv+resize, each with and without L_pres, k = 2
+    ratio         Table 5: k = 1, 2, 4
+    prefix        Table 7 and Fig. 1d: EditAR (VQ prefix, L_distill), VQ prefix 4x, SCAR 1x and 4x; two seeds
+    alignment     Fig. 7: delta = 0, 0.3, 0.5, 1
+    attention     the bidirectional prefix vs plain causal attention (the released code), text rotary
+                  rows zero (LlamaGen) vs identity
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,10 +65,11 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_meta
 from data import DataError, DrawnEdits, ToyEdits
+import train
 from model import load_scar
 from vq import load_msvq, load_vq
 from sample import (DEFAULT_CKPT, PLAUSIBILITY, SampleError, check_device, check_sampling, edit_batch, frozen_parts,
-                    text_condition, tokenizer_of)
+                    source_condition, text_condition, tokenizer_of)
 
 MAX_PSNR = 60.0
 EXACT_PSNR = 25.0  # the strict measure: an output within this PSNR of the exact target, over the whole image
@@ -189,35 +204,115 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
     model = model.to(device)
     dino, vq, t5 = frozen_parts(meta, ckpt, device)
     right, count, along, length = {}, {}, {}, {}
+    semantic = meta["scar"].get("prefix") != "vq"  # the EditAR baseline has no P_t to go towards
     for items, source, target, mask in edit_batches(edit_data("toy", meta, n, seed, split), batch, device):
-        F_s, F_t = (dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float() for x in (source, target))
         text, text_mask = text_condition(model, [it["text"] for it in items], t5, device)
         codes = vq.encode(target)  # (B, h, w)
-        prefix = model.prefix((F_s, text), text_mask)
+        prefix = model.prefix((source_condition(meta, dino, vq, source), text), text_mask)
         H = model.backbone.hidden(prefix, codes.flatten(1))
         hit = model.backbone.predict(H, prefix).argmax(-1).view_as(codes) == codes
-        Pk_t = model.compressor(F_t)  # P_k(F_t) (B, h, w, C)
-        P_s, P_t = prefix.h[:, :prefix.n_image], model.proj(Pk_t.flatten(1, 2))  # (B, L_c, D)
-        touched = F.adaptive_max_pool2d(mask, Pk_t.shape[1:3]).flatten(1) > 0  # (B, L_c)
-        num, den = edit_progress(H[:, :prefix.n_image], P_s, P_t, touched)
-        for b, it in enumerate(items):
-            along[it["kind"]] = along.get(it["kind"], 0) + num[b].item()
-            length[it["kind"]] = length.get(it["kind"], 0) + den[b].item()
+        if semantic:
+            Pk_t = model.compressor(dino.features(target, meta["dino"]["layers"], meta["dino"]["size"]).float())
+            P_s, P_t = prefix.h[:, :prefix.n_image], model.proj(Pk_t.flatten(1, 2))  # (B, L_c, D)
+            touched = F.adaptive_max_pool2d(mask, Pk_t.shape[1:3]).flatten(1) > 0  # (B, L_c)
+            num, den = edit_progress(H[:, :prefix.n_image], P_s, P_t, touched)
+            for b, it in enumerate(items):
+                along[it["kind"]] = along.get(it["kind"], 0) + num[b].item()
+                length[it["kind"]] = length.get(it["kind"], 0) + den[b].item()
         kept = F.max_pool2d(mask, vq.downsample)[:, 0] == 0  # tokens the edit does not touch
         for kind, where in token_kinds(vq.encode(source)).items():
             right[kind] = right.get(kind, 0) + (hit & where & kept).sum().item()
             count[kind] = count.get(kind, 0) + (where & kept).sum().item()
-    return {"checkpoint": str(ckpt), "split": split, "n": n, "seed": seed,
+    return {"checkpoint": str(ckpt), "split": split, "n": n, "seed": seed, "prefix_tokens": prefix.n_image,
             "teacher_forced_accuracy_pct": {k: round(100 * right[k] / max(1, count[k]), 1) for k in right},
             "tokens": count,
             "align_edit_progress_pct": {k: round(100 * along[k] / length[k], 1) for k in sorted(length) if length[k] > 0}}
 
 
+# ---------------------------------------------------------------- the ablation runner
+
+SCAR_4X = ("--k", "2")  # every row starts from the paper's SCAR: 4x compression
+ABLATIONS = {
+    "compression": {f"{kind}{'' if w else ', w/o L_pres'}": (*SCAR_4X, "--compressor", kind, "--pres-weight", str(w))
+                    for kind in ("resize", "unshuffle", "conv+resize") for w in (1, 0)},
+    "ratio": {f"k = {k} ({k * k}x)": ("--k", str(k)) for k in (1, 2, 4)},
+    "prefix": {"EditAR: VQ prefix 1x + L_distill": ("--prefix", "vq", "--k", "1", "--distill"),
+               "VQ prefix 4x": ("--prefix", "vq", "--k", "2"),
+               "SCAR: semantic prefix 1x": ("--k", "1"),
+               "SCAR: semantic prefix 4x": SCAR_4X},
+    "alignment": {f"delta = {d:g}": (*SCAR_4X, "--delta", str(d)) for d in (0, 0.3, 0.5, 1.0)},
+    "attention": {f"{mask}, text rotary {rope}": (*SCAR_4X, *(("--causal",) if mask == "causal" else ()),
+                                                  "--text-rope", rope)
+                  for mask in ("bidirectional prefix", "causal") for rope in ("zero", "identity")},
+}
+SEEDS = {"prefix": (0, 1)}  # the SCAR-vs-EditAR rows run twice
+ABLATION_DIR = Path("runs/ablate")
+ABLATION_STEPS = 1000
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+
+
+def ablation_row(folder: Path, flags, steps: int, seed: int, n: int, base=()) -> dict:
+    """Train (or resume, or reuse) one row in `folder` and score it: held-out edits, teacher-forced first
+    tokens, step time, prefix length, parameters (kept in folder/row.json)."""
+    export, scored = folder / "edit.safetensors", folder / "row.json"
+    if scored.is_file() and export.is_file():
+        return json.loads(scored.read_text())
+    if not export.is_file():
+        resume = ("--resume",) if (folder / "checkpoint.safetensors").is_file() else ()
+        train.main(["--task", "edit", "--arch", "next-token", "--steps", str(steps), "--seed", str(seed), "--out",
+                    str(folder), *base, *flags, *resume])
+    model, _ = load_scar(export)
+    logs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    result, forced = evaluate(export, n=n, seed=0), teacher_forced(export, n=n, seed=0)
+    row = {"seed": seed, "edit_success_pct": result["edit_success_pct"], "exact_pct": result["exact_pct"],
+            "background_psnr_db": result["background_psnr_db"], "target_psnr_db": result["target_psnr_db"],
+            "first_token_pct": forced["teacher_forced_accuracy_pct"].get("shape, first token", 0.0),
+            "step_time_s": round(statistics.median(r["step_time"] for r in logs), 3),
+            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in logs), 1),
+            "prefix_tokens": forced["prefix_tokens"], "parameters": sum(p.numel() for p in model.parameters())}
+    write_json(scored, row)
+    return row
+
+
+def ablate(table: str, rows: dict, steps: int, n: int, folder: Path, seeds=(0,), base=()) -> list[dict]:
+    """Every row of `rows` (label -> train.py flags) at every seed, in folder/<row>[_seed<s>]; writes table.json."""
+    results = []
+    for label, flags in rows.items():
+        for seed in seeds:
+            run = folder / (slug(label) + (f"_seed{seed}" if len(seeds) > 1 else ""))
+            results.append({"row": label, "flags": " ".join(flags), **ablation_row(run, flags, steps, seed, n, base)})
+    write_json(folder / "table.json", {"table": table, "steps": steps, "n": n, "rows": results})
+    return results
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # written whole or not at all
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("| row | seed | edit success | exact | background PSNR | PSNR vs target | first tokens (teacher-forced) "
+            "| step time | tokens / s | prefix tokens | parameters |\n|" + "---|" * 11)
+    lines = [f"| {r['row']} | {r['seed']} | {r['edit_success_pct']:.1f} % | {r['exact_pct']:.1f} % | "
+             f"{r['background_psnr_db']:.2f} dB | {r['target_psnr_db']:.2f} dB | {r['first_token_pct']:.1f} % | "
+             f"{r['step_time_s']:.2f} s | {r['tokens_per_s']:.0f} | {r['prefix_tokens']} | {r['parameters'] / 1e6:.2f} M |"
+             for r in results]
+    return "\n".join([head, *lines])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", choices=["toy", "drawn", "vq"], required=True, help="toy: the toy world's held-out split; "
-                   "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off); "
-                   "vq: the tokenizer's reconstructions of both")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bench", choices=["toy", "drawn", "vq"], help="toy: the toy world's held-out split; "
+                      "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off); "
+                      "vq: the tokenizer's reconstructions of both")
+    what.add_argument("--ablate", choices=list(ABLATIONS), help="train and score every row of one ablation table (above)")
+    p.add_argument("--steps", type=int, default=ABLATION_STEPS, help="--ablate: training steps of every row")
+    p.add_argument("--runs", type=Path, default=ABLATION_DIR, help="--ablate: where each table's rows are trained")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model); "
                    "with --bench vq also a tokenizer export")
     p.add_argument("--n", type=int, default=200, help="edits to evaluate")
@@ -242,6 +337,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.ablate:
+        if args.steps < 1 or args.n < 1:
+            print("error: --steps and --n must be at least 1", file=sys.stderr)
+            sys.exit(2)
+        folder = args.runs / args.ablate
+        results = ablate(args.ablate, ABLATIONS[args.ablate], args.steps, args.n, folder, SEEDS.get(args.ablate, (0,)))
+        print(f"{args.ablate}: {args.steps} steps a row, {args.n} held-out edits ({folder / 'table.json'})")
+        print(markdown(results))
+        print(json.dumps(results))
+        return
     try:
         for flag, value in (("--n", args.n), ("--batch", args.batch)):
             if value < 1:
@@ -267,9 +372,10 @@ def main(argv=None):
         print(f"teacher-forced code accuracy away from the edit, {result['n']} {result['split']} toy edits")
         for kind, pct in result["teacher_forced_accuracy_pct"].items():
             print(f"  {kind:<24}{pct:>8.1f} %   ({result['tokens'][kind]} tokens)")
-        print("L_align: how far H_s goes from P_s towards P_t where the edit is (0 % = the source, 100 % = the target)")
-        for kind, pct in result["align_edit_progress_pct"].items():
-            print(f"  {kind:<24}{pct:>8.1f} %")
+        if result["align_edit_progress_pct"]:  # none for the EditAR baseline
+            print("L_align: how far H_s goes from P_s towards P_t where the edit is (0 % = the source, 100 % = the target)")
+            for kind, pct in result["align_edit_progress_pct"].items():
+                print(f"  {kind:<24}{pct:>8.1f} %")
     elif args.bench == "vq":
         print(f"tokenizer round trip on the images of {result['n']} held-out toy edits and {result['n']} drawings")
         for name in ("toy", "drawn"):
@@ -278,9 +384,7 @@ def main(argv=None):
         print_table(result)
     print(json.dumps(result))
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp{os.getpid()}")  # written whole or not at all
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, result)
 
 
 def print_table(result):

@@ -739,6 +739,10 @@ class SCARConfig:
     compressor: str = "conv+resize"
     delta: float = 0.5  # weight of L_align
     pres_weight: float = 1.0  # weight of L_pres; 0 builds no U_k (the paper's Table 4, "w/o L_pres")
+    # The EditAR baseline: "vq" makes the prefix the source's own codes, embedded by the backbone (next-scale: its
+    # f_hat through word_embed), compressed by the same compressor; distill > 0 adds EditAR's L_distill.
+    prefix: str = "semantic"
+    distill: float = 0.0  # weight lambda of L_distill (EditAR: 0.5); 0 = off
     stop_grad_target: bool = False  # detach P_t (the released code lets gradients into it)
     causal: bool = False  # plain causal attention instead of the paper's bidirectional prefix
     drop_text: float = 0.05  # CFG dropouts (EditAR): text only, image prefix only, both
@@ -760,27 +764,51 @@ class SCAR(nn.Module):
     final-RMSNormed output. Next-scale: P_s tokens carry learned positions (`prefix_pos`), the
     AdaLN is conditioned by the class embedding or the pooled text embedding, and H is the output
     of the AdaLN before the head; P_s and T_t come before the sos token of the first scale.
-    `cond` for `prefix` and generation is the pair (F_s, text).
+    `cond` for `prefix` and generation is the pair (S, text), S the source as `source_grid` reads it.
+
+    The EditAR baseline (prefix="vq", EditAR section 3): S is the source's codes (B, h, w), embedded by the
+    backbone's token embedding (next-scale: the source's f_hat (B, h, w, Cvae) through word_embed, the
+    whole representation its decoder draws from, where one scale's codes are only a residual), then
+    compressed as F_s would be and used as P_s without W; there is no L_align (P_t has no VQ counterpart).
+    distill > 0 adds EditAR's eq. 3-4:
+        L_distill = |A(H_t) - F_t|^2        H_t: the hidden states that predict the target tokens, on their
+                                            grid (next-scale: the finest scale's); A: one 1x1 convolution
+        loss += distill * L_distill
     """
 
     def __init__(self, cfg: SCARConfig, backbone: nn.Module):
         super().__init__()
         self.cfg, self.backbone = cfg, backbone
         D = backbone.cfg.dim
-        self.compressor = SemanticCompressor(cfg.feature_dim, cfg.k, cfg.compressor, reconstruct=cfg.pres_weight > 0)
-        self.proj = nn.Linear(cfg.feature_dim, D, bias=False)
+        if cfg.prefix not in ("semantic", "vq"):
+            raise ValueError(f"prefix must be 'semantic' or 'vq', got {cfg.prefix!r}")
+        semantic = cfg.prefix == "semantic"
+        width = cfg.feature_dim if semantic else D  # of the grid the compressor reads
+        self.compressor = SemanticCompressor(width, cfg.k, cfg.compressor, reconstruct=cfg.pres_weight > 0)
+        self.proj = nn.Linear(cfg.feature_dim, D, bias=False) if semantic else nn.Identity()
         self.null_prefix = nn.Parameter(torch.randn(D) * 0.02)  # replaces P_s when the image is dropped
+        if cfg.distill:
+            self.distill_head = nn.Conv2d(D, cfg.feature_dim, 1)  # A
         if isinstance(backbone, NextScaleTransformer):
-            self.prefix_pos = nn.Parameter(torch.randn((cfg.feature_grid // cfg.k) ** 2, D) * 0.02)
+            grid = cfg.feature_grid if semantic else backbone.cfg.patch_nums[-1]
+            self.prefix_pos = nn.Parameter(torch.randn((grid // cfg.k) ** 2, D) * 0.02)
 
     def new_parameter_names(self) -> list[str]:
         """What an official backbone checkpoint does not initialise."""
         return [n for n, _ in self.named_parameters() if not n.startswith("backbone.")]
 
+    def source_grid(self, S):  # the source as the grid the compressor reads: (B, h, w, C) or, vq, (B, h, w, D)
+        """SCAR: S = F_s, DINOv2's features. EditAR: S = the source's codes (B, h, w), or its f_hat (B, h, w, Cvae)."""
+        if self.cfg.prefix == "semantic":
+            return S
+        if isinstance(self.backbone, NextScaleTransformer):
+            return self.backbone.word_embed(S)
+        return self.backbone.tok_embeddings(S)
+
     def prefix(self, cond, cond_mask=None, drop_text=None, drop_image=None) -> Prefix:
-        """[P_s ; T_t] from cond = (F_s (B, h, w, C), text) with per-sample drop flags (B,) bool."""
-        F_s, text = cond
-        return self._prefix(self.compressor(F_s), text, cond_mask, drop_text, drop_image)
+        """[P_s ; T_t] from cond = (S, text) with per-sample drop flags (B,) bool."""
+        S, text = cond
+        return self._prefix(self.compressor(self.source_grid(S)), text, cond_mask, drop_text, drop_image)
 
     def _prefix(self, F_c, text, cond_mask, drop_text, drop_image) -> Prefix:
         B, h, w, _ = F_c.shape
@@ -803,23 +831,47 @@ class SCAR(nn.Module):
         return text_only | both, image_only | both
 
     def forward(self, F_s, F_t, text, codes, text_mask=None, inputs=None) -> dict[str, torch.Tensor]:
-        """The three losses for a batch. F_s, F_t (B, h, w, C): DINOv2 features of source and target;
-        text: class ids, caption features or byte ids, with text_mask; codes Z_t (B, N) int64 (next-scale:
-        all scales flattened) and, next-scale only, inputs = the VQVAE's teacher_forcing_input."""
+        """The losses for a batch. F_s: the source as `source_grid` reads it (SCAR: DINOv2 features
+        (B, h, w, C)); F_t (B, h, w, C): DINOv2 features of the target; text: class ids, caption features or
+        word ids, with text_mask; codes Z_t (B, N) int64 (next-scale: all scales flattened) and, next-scale
+        only, inputs = the VQVAE's teacher_forcing_input."""
         drop_text = drop_image = None
         if self.training:
             drop_text, drop_image = self.cfg_dropout(codes.shape[0], codes.device)
-        F_c = self.compressor(F_s)
-        pres = self.compressor.pres_loss(F_s, F_c)
+        grid = self.source_grid(F_s)
+        F_c = self.compressor(grid)
+        pres = self.compressor.pres_loss(grid.detach(), F_c)  # a target: it must not pull the vq prefix's embedding
         prefix = self._prefix(F_c, text, text_mask, drop_text, drop_image)
         H = self.backbone.hidden(prefix, codes if inputs is None else inputs)
         logits = self.backbone.predict(H, prefix)
         ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
-        P_t = self.proj(self.compressor(F_t).flatten(1, 2))
-        if self.cfg.stop_grad_target:
-            P_t = P_t.detach()
-        align = self.align_loss(H[:, :prefix.n_image], P_t, drop_image)
-        return {"ce": ce, "pres": pres, "align": align, "loss": ce + self.cfg.pres_weight * pres + self.cfg.delta * align}
+        align = ce.new_zeros(())
+        if self.cfg.prefix == "semantic":
+            P_t = self.proj(self.compressor(F_t).flatten(1, 2))
+            if self.cfg.stop_grad_target:
+                P_t = P_t.detach()
+            align = self.align_loss(H[:, :prefix.n_image], P_t, drop_image)
+        losses = {"ce": ce, "pres": pres, "align": align}
+        loss = ce + self.cfg.pres_weight * pres + self.cfg.delta * align
+        if self.cfg.distill:
+            losses["distill"] = self.distill_loss(H, prefix, F_t)
+            loss = loss + self.cfg.distill * losses["distill"]
+        return {**losses, "loss": loss}
+
+    def distill_loss(self, H, prefix: Prefix, F_t):
+        """EditAR's L_distill = MSE(A(H_t), F_t): H_t the states that predict the target tokens (next-scale:
+        the finest scale's), on their grid, mapped by A and resized (bilinear) to the DINOv2 grid if it differs."""
+        n = prefix.h.shape[1]
+        if isinstance(self.backbone, NextScaleTransformer):
+            g = self.backbone.cfg.patch_nums[-1]
+            H_t = H[:, H.shape[1] - g * g:]
+        else:
+            H_t = H[:, n - 1:]  # state i predicts token i
+            g = math.isqrt(H_t.shape[1])
+        x = self.distill_head(H_t.transpose(1, 2).unflatten(2, (g, g)).to(self.distill_head.weight.dtype))  # (B, C, g, g)
+        if x.shape[-2:] != F_t.shape[1:3]:
+            x = F.interpolate(x, size=F_t.shape[1:3], mode="bilinear", align_corners=False)
+        return F.mse_loss(x.permute(0, 2, 3, 1).float(), F_t.float())
 
     @staticmethod
     def align_loss(H_s, P_t, drop_image=None):

@@ -22,7 +22,7 @@ from checkpoint import CheckpointError
 from data import CONTROLS, DataError, control_map, load_image, to_image, to_tensor
 from encoder import load_dinov2, load_t5
 from model import encode_words, load_scar, words_of
-from vq import load_msvq, load_vq
+from vq import load_msvq, load_vq, prefix_codes
 
 
 def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
@@ -256,11 +256,19 @@ def text_condition(model, prompts: list[str], t5=None, device="cpu"):
 
 
 @torch.no_grad()
+def source_condition(meta, dino, vq, x):
+    """The source x (B, 3, S, S) as SCAR.prefix reads it: DINOv2's features F_s, or, for the EditAR
+    baseline (--prefix vq), the tokenizer's codes (vq.prefix_codes)."""
+    if meta["scar"].get("prefix") == "vq":
+        return prefix_codes(vq, x)
+    return dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
+
+
 def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
                generator=None, progress=False, t5=None, plausibility=PLAUSIBILITY):
     """Images (B, 3, S, S) in [-1, 1] generated from sources x (B, 3, S, S) at the model's resolution S
     (the image to edit, or a control map) and the prompts."""
-    F_s = dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
+    F_s = source_condition(meta, dino, vq, x)
     text, mask = text_condition(model, prompts, t5, x.device)
     if meta["arch"] == "next-scale":
         codes = generate_scales(model, vq, (F_s, text), cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,

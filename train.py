@@ -42,10 +42,11 @@ from data import T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyCo
 from encoder import DINOv2, DINOv2Config, load_dinov2, load_t5
 from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_words, gpt_config,
                    load_llamagen, load_var, var_config, vocabulary, words_of)
-from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq
+from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq, prefix_codes
 
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices
 TOY_DINO = DINOv2Config(dim=128, depth=4, heads=2, ffn_hidden=512, patch_size=8, pos_grid=8)
+EDITAR_DISTILL = 0.5  # lambda of L_distill (EditAR section 4.1)
 TEXT_LEN = {"edit": 16, "control": 24}  # word slots of instructions and captions (the toy's longest: 10, 14)
 SEED_IMAGES = 4096  # --vq-warmup: images whose patches seed the codebook (the toy: all 868 distinct patches)
 SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "toy"  # the toy encoder and tokenizer (docs/toy.md)
@@ -128,6 +129,12 @@ def parse_args(argv=None):
                    help="next-token, new backbones: rotary rows of the text tokens, zero as LlamaGen (their q and k are "
                    "then zero: every text key gets the same logit) or identity (an ablation); --init keeps zero")
     p.add_argument("--causal", action="store_true", help="plain causal attention (ablation) instead of the prefix mask")
+    p.add_argument("--prefix", choices=["semantic", "vq"], default="semantic",
+                   help="P_s from DINOv2 features (SCAR) or the source's own codes (the EditAR baseline; next-scale: its "
+                   "f_hat), embedded by the backbone and compressed by --k; no L_align")
+    p.add_argument("--distill", action="store_true",
+                   help="add EditAR's L_distill (weight 0.5): one 1x1 convolution maps the hidden states that predict the "
+                   "target tokens to the target's DINOv2 features")
     p.add_argument("--stop-grad-target", action="store_true",
                    help="no gradient into P_t through L_align (on the toy the compressor's output then grows, and "
                    "L_align with it: docs/toy.md)")
@@ -324,7 +331,7 @@ class SCARTask:
         C = self.dino.cfg.dim * (4 if args.dino_layers == "quarters" else 1)
         scar_cfg = SCARConfig(feature_dim=C, feature_grid=grid, k=args.k, compressor=args.compressor,
                               delta=args.delta, pres_weight=args.pres_weight, stop_grad_target=args.stop_grad_target,
-                              causal=args.causal)
+                              causal=args.causal, prefix=args.prefix, distill=EDITAR_DISTILL if args.distill else 0.0)
         self.model = SCAR(scar_cfg, self.backbone(data)).to(device)
         if args.init and int(os.environ.get("RANK", 0)) == 0:
             print(f"{args.init}: backbone loaded; newly initialised: {', '.join(self.model.new_parameter_names())}",
@@ -408,7 +415,11 @@ class SCARTask:
         bf16 the tokenizer's nearest-code search would pick other codes than the tokenizer gives at sampling."""
         source, target = batch["source"].to(self.device), batch["target"].to(self.device)
         size, layers = self.args.dino_size or None, self.args.dino_layers
-        F_s, F_t = self.dino.features(torch.cat([source, target]), layers, size).float().chunk(2)
+        if self.args.prefix == "vq":  # the source's codes; DINOv2 only for L_distill's target
+            F_s = prefix_codes(self.vq, source)
+            F_t = self.dino.features(target, layers, size).float() if self.args.distill else None
+        else:
+            F_s, F_t = self.dino.features(torch.cat([source, target]), layers, size).float().chunk(2)
         codes = self.vq.encode(target)
         text, mask = self.text(batch)
         if self.next_scale:

@@ -465,6 +465,15 @@ class MultiScaleVQVAE(nn.Module):
             check_codes(c, self.cfg.codebook_size, (p, p), name=f"codes of scale {s + 1}")
 
 
+@torch.no_grad()
+def prefix_codes(vq, x):
+    """The source x (B, 3, H, W) as the EditAR baseline's prefix reads it: its codes (B, h, w), or, from VAR's
+    multi-scale VQVAE, its f_hat (B, h, w, Cvae): the sum of every scale, what the decoder draws from."""
+    if isinstance(vq, MultiScaleVQVAE):
+        return vq.codes_to_fhat(vq.encode(x)).permute(0, 2, 3, 1)
+    return vq.encode(x)
+
+
 # VAR's VQVAE key names -> the LlamaGen-style names used here (decoder levels are renumbered).
 VAR_RENAMES = [
     (r"^encoder\.down\.(\d+)\.block\.", r"encoder.conv_blocks.\1.res."),

@@ -158,12 +158,13 @@ def test_mask_of_the_official_t2i_prefix(t2i):
 WORDS = vocabulary(["make it blue", "remove", "paint it red", "add a disc"])
 
 
-def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2, dropout=0.0, pres_weight=1.0, text_rope="zero"):
+def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2, dropout=0.0, pres_weight=1.0, text_rope="zero",
+              prefix="semantic"):
     torch.manual_seed(0)
     backbone = NextTokenTransformer(GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=n_kv, ffn_hidden=128,
                                               vocab_size=vocab, cond="words", words=WORDS, text_len=12, dropout=dropout,
                                               text_rope=text_rope))
-    cfg = SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad, pres_weight=pres_weight)
+    cfg = SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad, pres_weight=pres_weight, prefix=prefix)
     return SCAR(cfg, backbone)
 
 
@@ -174,11 +175,14 @@ def batch(B=2, seed=0, vocab=64):
                 text=ids, text_mask=mask, codes=torch.randint(0, vocab, (B, 16), generator=g))
 
 
-def test_kv_cache_decoding_equals_full_recomputation_with_scar_prefix_and_cfg():
-    model = tiny_scar().eval()
+@pytest.mark.parametrize("kind", ["semantic", "vq"])
+def test_kv_cache_decoding_equals_full_recomputation_with_scar_prefix_and_cfg(kind):
+    """SCAR's prefix, and the EditAR baseline's (the source's codes, embedded by the backbone)."""
+    model = tiny_scar(prefix=kind).eval()
     nn_init_output(model)
     b = batch()
-    cond = (b["F_s"], b["text"])
+    source = b["F_s"] if kind == "semantic" else b["codes"].view(2, 4, 4)
+    cond = (source, b["text"])
     with torch.no_grad():
         prefix = model.prefix(cond, b["text_mask"])
         null = model.prefix(cond, b["text_mask"], drop_text=torch.ones(2, dtype=torch.bool))

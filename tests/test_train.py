@@ -12,6 +12,7 @@ import torch
 from conftest import FIXTURES, ROOT, save_tiny_frozen
 
 import model as model_module
+import sample
 import train
 from checkpoint import read_checkpoint, read_meta
 from data import toy_vocabulary
@@ -50,6 +51,23 @@ def test_resume_equals_uninterrupted(frozen, tmp_path, arch):
     assert {"ce", "pres", "align", "loss", "step_time", "tokens_per_s"} <= logs[0].keys()
     resumed = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in logs], abs=1e-5)  # same data order
+
+
+@pytest.mark.parametrize("arch", ["next-token", "next-scale"])
+def test_editar_baseline_trains_and_edits(frozen, tmp_path, arch):
+    """--prefix vq --distill: the source enters as its codes (next-scale: its f_hat), compressed 4x; L_distill is
+    logged, L_align is not computed, and the export edits through sample.py's path."""
+    train.main(args(frozen, tmp_path, "--prefix", "vq", "--distill", "--k", "2", arch=arch, steps=3))
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 3 and all(r["align"] == 0 and r["distill"] > 0 and r["pres"] > 0 for r in logs)
+    ckpt = tmp_path / "edit.safetensors"
+    scar, meta = model_module.load_scar(ckpt)
+    assert meta["scar"]["prefix"] == "vq" and meta["scar"]["distill"] == 0.5
+    assert "proj.weight" not in scar.state_dict() and "distill_head.weight" in scar.state_dict()
+    dino, vq, _ = sample.frozen_parts(meta, ckpt, "cpu")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = sample.edit_batch(scar, meta, dino, vq, x, ["make the circle red"] * 2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 def test_weight_decay_reaches_the_matrices_only():
