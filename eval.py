@@ -42,8 +42,8 @@ model never saw, but (edit, shape, colour) triples it did; the held-out split's 
 
 trains every row of one of the paper's ablations on the toy world (train.py, the toy recipe, the same
 --steps and seed for every row, next-token), scores each on the held-out split and prints the table as
-Markdown and JSON (also ABLATIONS/<table>/table.json). A row whose export exists is reused, one with a
-checkpoint is resumed, so an interrupted table continues where it stopped. Tables (ABLATIONS):
+Markdown and JSON (also runs/ablate/<table>/table.json; --runs moves it). A row whose export exists is
+reused, one with a checkpoint is resumed, so an interrupted table continues where it stopped. Tables (ABLATIONS):
     compression   the paper's Table 4: resize / unshuffle / conv+resize, each with and without L_pres, k = 2
     ratio         Table 5: k = 1, 2, 4
     prefix        Table 7 and Fig. 1d: EditAR (VQ prefix, L_distill), VQ prefix 4x, SCAR 1x and 4x; two seeds

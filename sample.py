@@ -264,6 +264,7 @@ def source_condition(meta, dino, vq, x):
     return dino.features(x, meta["dino"]["layers"], meta["dino"]["size"]).float()
 
 
+@torch.no_grad()
 def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
                generator=None, progress=False, t5=None, plausibility=PLAUSIBILITY):
     """Images (B, 3, S, S) in [-1, 1] generated from sources x (B, 3, S, S) at the model's resolution S
