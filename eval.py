@@ -1,4 +1,4 @@
-"""Metrics: a SCAR checkpoint on the toy world's held-out edits, and on drawings.
+"""Metrics: a SCAR checkpoint on the toy world's held-out edits and on drawings; PIE-Bench's on edited images.
 
     python eval.py --bench toy --ckpt checkpoints/toy/edit_next_token/edit.safetensors
 
@@ -38,6 +38,14 @@ the source, 100 % = it reaches the target semantics; edit_progress).
 measures the same on edits of the training distribution: with a seed other than training's (0), scenes the
 model never saw, but (edit, shape, colour) triples it did; the held-out split's triples are all new.
 
+    python eval.py --bench pie --data PIE_DIR --pred PRED_DIR --out results.json
+
+scores edited images on PIE-Bench (the paper's Table 3) as its protocol's evaluation code does (PnPInversion's
+evaluation/): PRED_DIR holds each record's edited image at the record's image_path (or the same name as a PNG),
+and outside the record's edit mask (run-length decoded, its border counted as edited) PSNR, MSE (x 10^4) and SSIM
+(x 10^2) compare it with the source, by editing type and in total. Structure distance, LPIPS and CLIP similarity
+need networks this code does not load yet: they are null.
+
     python eval.py --ablate compression
 
 trains every row of one of the paper's ablations on the toy world (train.py, the toy recipe, the same
@@ -53,14 +61,17 @@ reused, one with a checkpoint is resumed, so an interrupted table continues wher
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_meta
@@ -304,12 +315,135 @@ def markdown(results: list[dict]) -> str:
     return "\n".join([head, *lines])
 
 
+# ---------------------------------------------------------------- PIE-Bench (the paper's Table 3)
+
+PIE_SIDE = 512  # PIE-Bench's images and masks
+PIE_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object", "4": "change content",
+             "5": "change pose", "6": "change color", "7": "change material", "8": "change background",
+             "9": "change style"}
+PIE_METRICS = {  # name: (the protocol's metric, the factor of the paper's table unit)
+    "structure_distance": ("structure_distance", 1e3), "psnr": ("psnr_unedit_part", 1.0),
+    "lpips": ("lpips_unedit_part", 1e3), "mse": ("mse_unedit_part", 1e4), "ssim": ("ssim_unedit_part", 1e2),
+    "clip_whole": ("clip_similarity_target_image", 1.0), "clip_edited": ("clip_similarity_target_image_edit_part", 1.0)}
+
+
+def rle_mask(encoded, side=PIE_SIDE):  # PIE-Bench's run-length mask -> (side, side) bool, True = the edit
+    """`encoded` is [start, length, start, length, ...] over the flattened image. As the protocol, the border
+    rows and columns count as edited (it does so against annotation errors at the border)."""
+    flat = torch.zeros(side * side, dtype=torch.bool)
+    for start, length in zip(encoded[::2], encoded[1::2]):
+        flat[start:start + length] = True
+    mask = flat.view(side, side)
+    mask[0], mask[-1], mask[:, 0], mask[:, -1] = True, True, True, True
+    return mask
+
+
+def gaussian_window(size=11, sigma=1.5):  # (size, size), summing to 1
+    x = torch.arange((1 - size) / 2, (1 + size) / 2)
+    g = torch.exp(-(x / sigma).pow(2) / 2)
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(a, b):  # a, b (B, 3, H, W) in [0, 1] -> (B,)
+    """SSIM as torchmetrics computed it when PIE-Bench was published (before 1.4): an 11 x 11 Gaussian window
+    (sigma 1.5) over the reflect-padded image, the padded border left out of the mean."""
+    pad, c1, c2 = 5, 0.01 ** 2, 0.03 ** 2
+    window = gaussian_window().expand(3, 1, 11, 11).to(a)
+    a, b = (F.pad(x, (pad,) * 4, mode="reflect") for x in (a, b))
+    mu_a, mu_b, aa, bb, ab = F.conv2d(torch.cat([a, b, a * a, b * b, a * b]), window, groups=3).chunk(5)
+    var_a, var_b = (aa - mu_a ** 2).clamp(min=0), (bb - mu_b ** 2).clamp(min=0)
+    cov = ab - mu_a * mu_b
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+
+
+def unedited_metrics(source, edited, keep) -> dict:  # (3, H, W) in [0, 1] x2, keep (H, W) {0, 1}
+    """PSNR, MSE and SSIM outside the edit, as the protocol: both images times the mask, then the whole-image
+    metric (so the edit region counts as equal pixels)."""
+    a, b = source * keep, edited * keep
+    mse = (a - b).pow(2).mean().item()
+    return {"psnr": 10 * math.log10(1 / mse) if mse else math.inf, "mse": mse, "ssim": ssim(a[None], b[None]).item()}
+
+
+def read_rgb(path: Path):  # (3, H, W) float in [0, 1], as the protocol's np.array(image) / 255
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the image ({e})")
+
+
+def as_prediction(edited, side=PIE_SIDE):  # -> (3, side, side), and how it was made so
+    """The protocol crops a wider image to its bottom-right square (its methods save [source | edit]); an image of
+    another size is resized (bicubic) to the benchmark's, where the protocol would stop."""
+    H, W = edited.shape[1:]
+    if (H, W) == (side, side):
+        return edited, None
+    if H >= side and W >= side and H != W:
+        return edited[:, H - side:, W - side:], "cropped"
+    resized = F.interpolate(edited[None], size=(side, side), mode="bicubic", align_corners=False)[0]
+    return resized.clamp(0, 1), "resized"
+
+
+def pie_records(data: Path) -> dict:
+    mapping = data / "mapping_file.json"
+    if not mapping.is_file():
+        raise DataError(f"{mapping}: no such file (--data is PIE-Bench's folder: mapping_file.json, annotation_images/)")
+    try:
+        records = json.loads(mapping.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{mapping}: not readable JSON ({e})")
+    bad = [k for k, r in records.items() if not {"image_path", "mask", "editing_type_id"} <= set(r)]
+    if bad:
+        raise DataError(f"{mapping}: {len(bad)} records lack image_path, mask or editing_type_id (first: {bad[0]})")
+    return records
+
+
+def edited_path(pred: Path, image_path: str) -> Path | None:
+    """The record's own relative path, as the protocol reads it, or the same name as a PNG (what sample.py writes)."""
+    for path in (pred / image_path, (pred / image_path).with_suffix(".png")):
+        if path.is_file():
+            return path
+    return None
+
+
+def pie_bench(data: Path, pred: Path) -> dict:
+    """The PIE-Bench numbers of the edited images in `pred` (each at its record's image_path), in the paper's
+    units; the metrics whose networks are not available here are null."""
+    records = pie_records(data)
+    found = {k: edited_path(pred, r["image_path"]) for k, r in records.items()}
+    missing = [records[k]["image_path"] for k, path in found.items() if path is None]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(records)} edited images are missing under {pred} "
+                        f"(first: {', '.join(missing[:3])})")
+    per_type, changed = {}, {"cropped": 0, "resized": 0}
+    for key, r in tqdm(records.items(), desc="PIE-Bench", leave=False):
+        source = read_rgb(data / "annotation_images" / r["image_path"])
+        edited, how = as_prediction(read_rgb(found[key]))
+        if how:
+            changed[how] += 1
+        if source.shape != edited.shape:
+            raise DataError(f"{r['image_path']}: the source is {source.shape[2]}x{source.shape[1]}, PIE-Bench's are {PIE_SIDE}")
+        keep = (~rle_mask(r["mask"])).float()
+        if keep.sum():  # the protocol has no unedited part to score otherwise
+            per_type.setdefault(r["editing_type_id"], []).append(unedited_metrics(source, edited, keep))
+    def summary(rows):
+        out = {name: None for name in PIE_METRICS}
+        for name in ("psnr", "mse", "ssim"):
+            out[name] = statistics.fmean(row[name] for row in rows) * PIE_METRICS[name][1]
+        return out
+    rows = [row for t in per_type.values() for row in t]
+    return {"total": summary(rows), "by_type": {PIE_TYPES.get(t, t): summary(v) for t, v in sorted(per_type.items())},
+            "n": len(records), "scored": len(rows), **changed}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--bench", choices=["toy", "drawn", "vq"], help="toy: the toy world's held-out split; "
+    what.add_argument("--bench", choices=["toy", "drawn", "vq", "pie"], help="toy: the toy world's held-out split; "
                       "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off); "
-                      "vq: the tokenizer's reconstructions of both")
+                      "vq: the tokenizer's reconstructions of both; pie: PIE-Bench, edited images in --pred")
     what.add_argument("--ablate", choices=list(ABLATIONS), help="train and score every row of one ablation table (above)")
     p.add_argument("--steps", type=int, default=ABLATION_STEPS, help="--ablate: training steps of every row")
     p.add_argument("--runs", type=Path, default=ABLATION_DIR, help="--ablate: where each table's rows are trained")
@@ -329,7 +463,9 @@ def parse_args(argv=None):
                    "a closing '.' or '!', a leading 'please ', at random (as the toy models are trained)")
     p.add_argument("--teacher-forced", action="store_true", help="next-token: teacher-forced code accuracy by token "
                    "kind away from the edit, instead of sampling (see above)")
-    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.add_argument("--data", type=Path, help="--bench pie: PIE-Bench's folder (mapping_file.json, annotation_images/)")
+    p.add_argument("--pred", type=Path, help="--bench pie: the edited images, each at its record's image_path")
+    p.add_argument("--out", "--json", type=Path, dest="out", help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"error: {message} (eval.py --help lists the flags)\n")  # one line, no usage
     return p.parse_args(argv)
@@ -353,13 +489,19 @@ def main(argv=None):
                 raise SampleError(f"{flag} must be at least 1, got {value}")
         check_sampling(args.cfg, args.plausibility, args.seed, args.top_k)
         check_device(args.device)
-        if args.json and not args.json.parent.is_dir():
-            raise SampleError(f"--json {args.json}: the folder {args.json.parent} does not exist")
-        if args.json and args.json.is_dir():
-            raise SampleError(f"--json {args.json}: is a directory")
+        if args.out and not args.out.parent.is_dir():
+            raise SampleError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+        if args.out and args.out.is_dir():
+            raise SampleError(f"--out {args.out}: is a directory")
+        if args.bench == "pie" and not (args.data and args.pred):
+            raise SampleError("--bench pie needs --data PIE_DIR and --pred PRED_DIR")
+        if args.bench != "pie" and (args.data or args.pred):
+            raise SampleError("--data and --pred are for --bench pie")
         if args.bench != "toy" and (args.split != "heldout" or args.varied or args.teacher_forced):
             raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
-        if args.bench == "vq":
+        if args.bench == "pie":
+            result = pie_bench(args.data, args.pred)
+        elif args.bench == "vq":
             result = reconstruction(args.ckpt, args.n, args.batch, args.seed, args.device)
         else:
             result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced \
@@ -376,6 +518,8 @@ def main(argv=None):
             print("L_align: how far H_s goes from P_s towards P_t where the edit is (0 % = the source, 100 % = the target)")
             for kind, pct in result["align_edit_progress_pct"].items():
                 print(f"  {kind:<24}{pct:>8.1f} %")
+    elif args.bench == "pie":
+        print_pie(result)
     elif args.bench == "vq":
         print(f"tokenizer round trip on the images of {result['n']} held-out toy edits and {result['n']} drawings")
         for name in ("toy", "drawn"):
@@ -383,8 +527,8 @@ def main(argv=None):
     else:
         print_table(result)
     print(json.dumps(result))
-    if args.json:
-        write_json(args.json, result)
+    if args.out:
+        write_json(args.out, result)
 
 
 def print_table(result):
@@ -400,6 +544,19 @@ def print_table(result):
           f"{result['plausibility']}, top-k {result['top_k']}, seed {result['seed']})")
     for name, value in rows:
         print(f"  {name:<24}{value:>12}")
+
+
+def print_pie(result):
+    """The paper's Table 3 columns: structure distance x 10^3, then outside the edit PSNR, LPIPS x 10^3, MSE x 10^4,
+    SSIM x 10^2, then CLIP similarity of the whole image and of the edited region."""
+    names = list(PIE_METRICS)
+    print(f"PIE-Bench, {result['scored']} of {result['n']} images with an unedited part (cropped to the benchmark's "
+          f"square: {result['cropped']}, resized: {result['resized']})")
+    print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for label, row in [("total", result["total"]), *result["by_type"].items()]:
+        print(f"| {label} | " + " | ".join("-" if row[m] is None else f"{row[m]:.2f}" for m in names) + " |")
+    print("not computed here yet: structure distance (DINO ViT-B/8), LPIPS (SqueezeNet) and CLIP similarity "
+          "(ViT-L/14), whose networks this code does not load yet")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""eval.py's ablation runner: every row trained, scored and printed; rows on disk reused."""
+"""eval.py's ablation runner (every row trained, scored and printed; rows on disk reused) and PIE-Bench metrics."""
 import json
+import math
 
 import pytest
-from conftest import save_tiny_frozen
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURES, save_tiny_frozen
+from PIL import Image
+from safetensors.torch import load_file
 
 import eval as evaluation
 
@@ -38,3 +43,80 @@ def test_an_interrupted_row_resumes(tmp_path, monkeypatch):
     row = evaluation.ablation_row(folder, (), steps=2, seed=0, n=2, base=base)
     assert calls and "--resume" in calls[0] and row["prefix_tokens"] > 0
     assert [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()][-1] == 2
+
+
+# ---------------------------------------------------------------- PIE-Bench
+
+PIE = FIXTURES / "pie_bench"  # a three-record folder in PIE-Bench's layout (tests/fixtures/pie_bench/make.py)
+
+
+def test_rle_mask_decodes_runs_and_marks_the_border_as_the_protocol():
+    mask = evaluation.rle_mask([8, 3, 26, 2], side=6)  # cells 8-10 and 26-27 of a 6 x 6 image
+    inner = mask[1:-1, 1:-1]
+    assert inner.sum() == 5 and mask[1, 2:5].all() and mask[4, 2:4].all()
+    assert mask[0].all() and mask[-1].all() and mask[:, 0].all() and mask[:, -1].all()
+
+
+def test_ssim_matches_torchmetrics_as_pie_bench_ran_it():
+    ref = load_file(PIE / "ssim_reference.safetensors")
+    assert torch.allclose(evaluation.ssim(ref["a"], ref["b"]), ref["ssim_torchmetrics_1_3_2"], atol=1e-5)
+    assert torch.allclose(evaluation.ssim(ref["a"], ref["a"]), torch.ones(2))
+
+
+def off_by(source, d=8 / 255):  # channel 0 moved by exactly d everywhere, away from the nearer end of [0, 1]
+    out = source.clone()
+    out[0] = torch.where(source[0] < 0.5, source[0] + d, source[0] - d)
+    return out
+
+
+def save_png(x, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+def test_pie_bench_scores_the_unedited_part_as_the_protocol(tmp_path):
+    """PSNR and MSE of known noise: both images times the unedited mask, then the whole-image mean, so the
+    edit region and the border count as equal pixels. The record edited everywhere has nothing to score."""
+    records = json.loads((PIE / "mapping_file.json").read_text())
+    expected = {}
+    for key, r in records.items():
+        source = evaluation.read_rgb(PIE / "annotation_images" / r["image_path"])
+        save_png(off_by(source), (tmp_path / r["image_path"]).with_suffix(".png"))  # sample.py's PNG is found too
+        keep = (~evaluation.rle_mask(r["mask"])).float()
+        if keep.sum():
+            expected[r["editing_type_id"]] = (8 / 255) ** 2 * keep.sum().item() / (3 * 512 * 512)
+    result = evaluation.pie_bench(PIE, tmp_path)
+    assert (result["n"], result["scored"], result["resized"]) == (3, 2, 0)
+    assert set(result["by_type"]) == {"random", "change object"}
+    for kind, name in (("0", "random"), ("1", "change object")):
+        row = result["by_type"][name]
+        assert row["mse"] == pytest.approx(expected[kind] * 1e4, rel=1e-4)
+        assert row["psnr"] == pytest.approx(10 * math.log10(1 / expected[kind]), rel=1e-4)
+        assert 0 < row["ssim"] < 100 and row["lpips"] is None and row["clip_whole"] is None
+    assert result["total"]["mse"] == pytest.approx(sum(expected.values()) / 2 * 1e4, rel=1e-4)
+
+
+def test_pie_bench_resizes_a_smaller_prediction_and_says_so(tmp_path):
+    records = json.loads((PIE / "mapping_file.json").read_text())
+    for r in records.values():
+        source = evaluation.read_rgb(PIE / "annotation_images" / r["image_path"])
+        save_png(F.interpolate(source[None], size=(256, 256), mode="area")[0], tmp_path / r["image_path"])
+    result = evaluation.pie_bench(PIE, tmp_path)
+    assert result["resized"] == 3 and result["total"]["psnr"] > 20
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no mapping", "mapping_file.json: no such file"),
+    ("missing predictions", "2 of 3 edited images are missing under"),
+    ("no --pred", "--bench pie needs --data PIE_DIR and --pred PRED_DIR")])
+def test_pie_bench_user_mistakes_are_one_line(tmp_path, capsys, case, message):
+    records = json.loads((PIE / "mapping_file.json").read_text())
+    first = next(iter(records.values()))["image_path"]
+    save_png(evaluation.read_rgb(PIE / "annotation_images" / first), tmp_path / "pred" / first)
+    argv = {"no mapping": ["--data", str(tmp_path), "--pred", str(tmp_path / "pred")],
+            "missing predictions": ["--data", str(PIE), "--pred", str(tmp_path / "pred")],
+            "no --pred": ["--data", str(PIE)]}[case]
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--bench", "pie", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
