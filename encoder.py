@@ -38,6 +38,7 @@ class DINOv2Config:
     # hub plain models (0.1, False), register models (0.0, True), HF plain models (0.0, False).
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+    v1: bool = False  # DINO (v1), PIE-Bench's structure-distance network: no LayerScale, no mask token
 
 
 def swiglu_hidden(dim: int) -> int:
@@ -105,10 +106,10 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.attn = Attention(cfg.dim, cfg.heads)
-        self.ls1 = LayerScale(cfg.dim)
+        self.ls1 = nn.Identity() if cfg.v1 else LayerScale(cfg.dim)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.mlp = (SwiGLU if cfg.ffn == "swiglu" else Mlp)(cfg.dim, cfg.ffn_hidden)
-        self.ls2 = LayerScale(cfg.dim)
+        self.ls2 = nn.Identity() if cfg.v1 else LayerScale(cfg.dim)
 
     def forward(self, x):
         x = x + self.ls1(self.attn(self.norm1(x)))
@@ -135,7 +136,8 @@ class DINOv2(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.pos_grid ** 2, C) * 0.02)
         if R:
             self.register_tokens = nn.Parameter(torch.randn(1, R, C) * 1e-6)
-        self.mask_token = nn.Parameter(torch.zeros(1, C))  # masked-image pretraining only; kept for strict loading
+        if not cfg.v1:
+            self.mask_token = nn.Parameter(torch.zeros(1, C))  # masked-image pretraining only; kept for strict loading
         self.patch_embed = PatchEmbed(C, cfg.patch_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(C, eps=1e-6)
@@ -327,15 +329,17 @@ def _infer_config(sd: dict, hf_config: dict | None, num_heads: int | None, path)
     if heads < 1 or dim % heads:
         raise CheckpointError(f"{path}: cannot split width {dim} into {heads} heads; pass num_heads")
     grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    v1 = hf_config is None and "mask_token" not in sd and "blocks.0.ls1.gamma" not in sd
     return DINOv2Config(dim, depth, heads, "swiglu" if swiglu else "mlp", hidden, registers, patch, grid,
-                        offset, antialias)
+                        offset, antialias, v1)
 
 
 def load_dinov2(path, num_heads=None) -> DINOv2:
     """A frozen DINOv2 (eval mode, no gradients) from a torch-hub `.pth` or a Hugging Face folder.
 
     Size, registers, feed-forward kind and interpolation rule come from the checkpoint; the head
-    count from the HF config, else `num_heads`, else width / 64 (every released model).
+    count from the HF config, else `num_heads`, else width / 64 (every released model). A DINO (v1) hub
+    file (`dino_vitbase8_pretrain.pth`: no LayerScale, no mask token) loads too, as `cfg.v1`.
     """
     sd, hf_config = read_checkpoint(path)
     return dinov2_from_state_dict(sd, hf_config, num_heads, source=path)

@@ -43,8 +43,8 @@ model never saw, but (edit, shape, colour) triples it did; the held-out split's 
 scores edited images on PIE-Bench (the paper's Table 3) as its protocol's evaluation code does (PnPInversion's
 evaluation/): PRED_DIR holds each record's edited image at the record's image_path (or the same name as a PNG),
 and outside the record's edit mask (run-length decoded, its border counted as edited) PSNR, MSE (x 10^4) and SSIM
-(x 10^2) compare it with the source, by editing type and in total. Structure distance, LPIPS and CLIP similarity
-need networks this code does not load yet: they are null.
+(x 10^2) compare it with the source, by editing type and in total; with --dino-v1 also the structure distance
+(x 10^3) of the whole images. LPIPS and CLIP similarity need networks this code does not load yet: they are null.
 
     python eval.py --ablate compression
 
@@ -76,6 +76,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_meta
 from data import DataError, DrawnEdits, ToyEdits
+from encoder import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
 import train
 from model import load_scar
 from vq import load_msvq, load_vq
@@ -408,16 +409,17 @@ def edited_path(pred: Path, image_path: str) -> Path | None:
     return None
 
 
-def pie_bench(data: Path, pred: Path) -> dict:
+def pie_bench(data: Path, pred: Path, dino=None) -> dict:
     """The PIE-Bench numbers of the edited images in `pred` (each at its record's image_path), in the paper's
-    units; the metrics whose networks are not available here are null."""
+    units, by editing type and in total; structure distance with `dino` (DINO ViT-B/8), the metrics whose
+    networks are not loaded null."""
     records = pie_records(data)
     found = {k: edited_path(pred, r["image_path"]) for k, r in records.items()}
     missing = [records[k]["image_path"] for k, path in found.items() if path is None]
     if missing:
         raise DataError(f"{len(missing)} of {len(records)} edited images are missing under {pred} "
                         f"(first: {', '.join(missing[:3])})")
-    per_type, changed = {}, {"cropped": 0, "resized": 0}
+    per_type, changed, unedited = {}, {"cropped": 0, "resized": 0}, 0
     for key, r in tqdm(records.items(), desc="PIE-Bench", leave=False):
         source = read_rgb(data / "annotation_images" / r["image_path"])
         edited, how = as_prediction(read_rgb(found[key]))
@@ -425,17 +427,46 @@ def pie_bench(data: Path, pred: Path) -> dict:
             changed[how] += 1
         if source.shape != edited.shape:
             raise DataError(f"{r['image_path']}: the source is {source.shape[2]}x{source.shape[1]}, PIE-Bench's are {PIE_SIDE}")
+        row = {"structure_distance": structure_distance(dino, source, edited)} if dino is not None else {}
         keep = (~rle_mask(r["mask"])).float()
         if keep.sum():  # the protocol has no unedited part to score otherwise
-            per_type.setdefault(r["editing_type_id"], []).append(unedited_metrics(source, edited, keep))
-    def summary(rows):
-        out = {name: None for name in PIE_METRICS}
-        for name in ("psnr", "mse", "ssim"):
-            out[name] = statistics.fmean(row[name] for row in rows) * PIE_METRICS[name][1]
-        return out
+            row.update(unedited_metrics(source, edited, keep))
+            unedited += 1
+        per_type.setdefault(r["editing_type_id"], []).append(row)
     rows = [row for t in per_type.values() for row in t]
-    return {"total": summary(rows), "by_type": {PIE_TYPES.get(t, t): summary(v) for t, v in sorted(per_type.items())},
-            "n": len(records), "scored": len(rows), **changed}
+    return {"total": pie_summary(rows), "by_type": {PIE_TYPES.get(t, t): pie_summary(v) for t, v in sorted(per_type.items())},
+            "n": len(records), "with_unedited_part": unedited, **changed}
+
+
+def pie_summary(rows: list[dict]) -> dict:  # the mean of each metric over the records that have it, in table units
+    out = {}
+    for name, (_, unit) in PIE_METRICS.items():
+        values = [row[name] for row in rows if name in row]
+        out[name] = statistics.fmean(values) * unit if values else None
+    return out
+
+
+def key_self_similarity(dino, img, with_keys=False):  # img (3, H, W) in [0, 1] -> (N, N), N = 1 + (224 / 8)^2
+    """The cosine self-similarity of the keys of DINO's last block over all tokens (the class token too), the
+    input prepared as the protocol does: pixels 0-255 (it never divides by 255) resized to 224 px by bilinear
+    interpolation without antialiasing (torchvision 0.13's Resize on a tensor; PIE-Bench's images are square),
+    then ImageNet's normalisation."""
+    x = F.interpolate(img[None] * 255, size=(224, 224), mode="bilinear", align_corners=False, antialias=False)
+    x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    tokens = dino.prepare_tokens(x)
+    for block in dino.blocks[:-1]:
+        tokens = block(tokens)
+    last, C = dino.blocks[-1], dino.cfg.dim
+    keys = last.attn.qkv(last.norm1(tokens))[0, :, C:2 * C]  # (N, C): the heads' keys side by side
+    norms = keys.norm(dim=1, keepdim=True)
+    sim = keys @ keys.T / (norms @ norms.T).clamp(min=1e-8)
+    return (keys, sim) if with_keys else sim
+
+
+@torch.no_grad()
+def structure_distance(dino, source, edited) -> float:  # (3, H, W) in [0, 1] x2
+    """PIE-Bench's structure distance (PnP's): the MSE between the two images' key self-similarities."""
+    return F.mse_loss(key_self_similarity(dino, edited), key_self_similarity(dino, source)).item()
 
 
 def parse_args(argv=None):
@@ -465,6 +496,8 @@ def parse_args(argv=None):
                    "kind away from the edit, instead of sampling (see above)")
     p.add_argument("--data", type=Path, help="--bench pie: PIE-Bench's folder (mapping_file.json, annotation_images/)")
     p.add_argument("--pred", type=Path, help="--bench pie: the edited images, each at its record's image_path")
+    p.add_argument("--dino-v1", type=Path, help="--bench pie: DINO ViT-B/8, the official dino_vitbase8_pretrain.pth, "
+                   "for the structure distance")
     p.add_argument("--out", "--json", type=Path, dest="out", help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"error: {message} (eval.py --help lists the flags)\n")  # one line, no usage
@@ -495,12 +528,12 @@ def main(argv=None):
             raise SampleError(f"--out {args.out}: is a directory")
         if args.bench == "pie" and not (args.data and args.pred):
             raise SampleError("--bench pie needs --data PIE_DIR and --pred PRED_DIR")
-        if args.bench != "pie" and (args.data or args.pred):
-            raise SampleError("--data and --pred are for --bench pie")
+        if args.bench != "pie" and (args.data or args.pred or args.dino_v1):
+            raise SampleError("--data, --pred and --dino-v1 are for --bench pie")
         if args.bench != "toy" and (args.split != "heldout" or args.varied or args.teacher_forced):
             raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
         if args.bench == "pie":
-            result = pie_bench(args.data, args.pred)
+            result = pie_bench(args.data, args.pred, load_dinov2(args.dino_v1) if args.dino_v1 else None)
         elif args.bench == "vq":
             result = reconstruction(args.ckpt, args.n, args.batch, args.seed, args.device)
         else:
@@ -550,13 +583,14 @@ def print_pie(result):
     """The paper's Table 3 columns: structure distance x 10^3, then outside the edit PSNR, LPIPS x 10^3, MSE x 10^4,
     SSIM x 10^2, then CLIP similarity of the whole image and of the edited region."""
     names = list(PIE_METRICS)
-    print(f"PIE-Bench, {result['scored']} of {result['n']} images with an unedited part (cropped to the benchmark's "
-          f"square: {result['cropped']}, resized: {result['resized']})")
+    print(f"PIE-Bench, {result['n']} images, {result['with_unedited_part']} with an unedited part (cropped to the "
+          f"benchmark's square: {result['cropped']}, resized: {result['resized']})")
     print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for label, row in [("total", result["total"]), *result["by_type"].items()]:
         print(f"| {label} | " + " | ".join("-" if row[m] is None else f"{row[m]:.2f}" for m in names) + " |")
-    print("not computed here yet: structure distance (DINO ViT-B/8), LPIPS (SqueezeNet) and CLIP similarity "
-          "(ViT-L/14), whose networks this code does not load yet")
+    if result["total"]["structure_distance"] is None:
+        print("structure distance: not computed (--dino-v1 dino_vitbase8_pretrain.pth gives its network)")
+    print("LPIPS and CLIP similarity: not computed (this code does not load their networks yet)")
 
 
 if __name__ == "__main__":

@@ -86,13 +86,14 @@ def test_pie_bench_scores_the_unedited_part_as_the_protocol(tmp_path):
         if keep.sum():
             expected[r["editing_type_id"]] = (8 / 255) ** 2 * keep.sum().item() / (3 * 512 * 512)
     result = evaluation.pie_bench(PIE, tmp_path)
-    assert (result["n"], result["scored"], result["resized"]) == (3, 2, 0)
-    assert set(result["by_type"]) == {"random", "change object"}
+    assert (result["n"], result["with_unedited_part"], result["resized"]) == (3, 2, 0)
+    assert set(result["by_type"]) == {"random", "change object", "change style"}
+    assert all(v is None for v in result["by_type"]["change style"].values())  # edited everywhere: nothing to score
     for kind, name in (("0", "random"), ("1", "change object")):
         row = result["by_type"][name]
         assert row["mse"] == pytest.approx(expected[kind] * 1e4, rel=1e-4)
         assert row["psnr"] == pytest.approx(10 * math.log10(1 / expected[kind]), rel=1e-4)
-        assert 0 < row["ssim"] < 100 and row["lpips"] is None and row["clip_whole"] is None
+        assert 0 < row["ssim"] < 100 and row["lpips"] is None and row["structure_distance"] is None
     assert result["total"]["mse"] == pytest.approx(sum(expected.values()) / 2 * 1e4, rel=1e-4)
 
 
@@ -120,3 +121,28 @@ def test_pie_bench_user_mistakes_are_one_line(tmp_path, capsys, case, message):
         evaluation.main(["--bench", "pie", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_structure_distance_matches_the_protocol_with_official_dino_weights():
+    """A DINO (v1) hub file loads (no LayerScale, no mask token); its last block's keys and the structure distance
+    of two images match the official ViT run through the protocol's steps (tests/fixtures/dino_v1/make.py)."""
+    dino = evaluation.load_dinov2(FIXTURES / "dino_v1" / "dino_vit_tiny8.pth", num_heads=3)
+    ref = load_file(FIXTURES / "dino_v1" / "reference.safetensors")
+    source, edited = (ref[k].float() / 255 for k in ("source", "edited"))
+    assert dino.cfg.v1 and dino.cfg.patch_size == 8 and dino.cfg.pos_grid == 28
+    keys, _ = evaluation.key_self_similarity(dino, source, with_keys=True)
+    assert torch.allclose(keys, ref["source_keys"], atol=1e-4, rtol=1e-4)
+    distance = evaluation.structure_distance(dino, source, edited)
+    assert distance == pytest.approx(ref["structure_distance"].item(), rel=1e-4)
+    assert evaluation.structure_distance(dino, source, source) == 0
+
+
+def test_pie_bench_reports_structure_distance_for_every_record(tmp_path):
+    """Over all records, also the one edited everywhere, which has no background to score."""
+    dino = evaluation.load_dinov2(FIXTURES / "dino_v1" / "dino_vit_tiny8.pth", num_heads=3)
+    for r in json.loads((PIE / "mapping_file.json").read_text()).values():
+        save_png(evaluation.read_rgb(PIE / "annotation_images" / r["image_path"]), tmp_path / r["image_path"])
+    result = evaluation.pie_bench(PIE, tmp_path, dino)
+    assert result["by_type"]["change style"]["structure_distance"] is not None
+    assert result["by_type"]["change style"]["psnr"] is None
+    assert 0 <= result["total"]["structure_distance"] < 1  # the copies differ by JPEG's rounding only
