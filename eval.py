@@ -43,8 +43,9 @@ model never saw, but (edit, shape, colour) triples it did; the held-out split's 
 scores edited images on PIE-Bench (the paper's Table 3) as its protocol's evaluation code does (PnPInversion's
 evaluation/): PRED_DIR holds each record's edited image at the record's image_path (or the same name as a PNG),
 and outside the record's edit mask (run-length decoded, its border counted as edited) PSNR, MSE (x 10^4) and SSIM
-(x 10^2) compare it with the source, by editing type and in total; with --dino-v1 also the structure distance
-(x 10^3) of the whole images. LPIPS and CLIP similarity need networks this code does not load yet: they are null.
+(x 10^2) compare it with the source, by editing type and in total; with --lpips also LPIPS (x 10^3, SqueezeNet)
+there, and with --dino-v1 the structure distance (x 10^3) of the whole images. CLIP similarity needs a network
+this code does not load yet: it is null.
 
     python eval.py --ablate compression
 
@@ -70,11 +71,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, read_meta
+from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
 from data import DataError, DrawnEdits, ToyEdits
 from encoder import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
 import train
@@ -359,12 +361,16 @@ def ssim(a, b):  # a, b (B, 3, H, W) in [0, 1] -> (B,)
     return s[..., pad:-pad, pad:-pad].flatten(1).mean(1)
 
 
-def unedited_metrics(source, edited, keep) -> dict:  # (3, H, W) in [0, 1] x2, keep (H, W) {0, 1}
-    """PSNR, MSE and SSIM outside the edit, as the protocol: both images times the mask, then the whole-image
-    metric (so the edit region counts as equal pixels)."""
+@torch.no_grad()
+def unedited_metrics(source, edited, keep, lpips=None) -> dict:  # (3, H, W) in [0, 1] x2, keep (H, W) {0, 1}
+    """PSNR, MSE, SSIM (and LPIPS) outside the edit, as the protocol: both images times the mask, then the
+    whole-image metric (so the edit region counts as equal pixels)."""
     a, b = source * keep, edited * keep
     mse = (a - b).pow(2).mean().item()
-    return {"psnr": 10 * math.log10(1 / mse) if mse else math.inf, "mse": mse, "ssim": ssim(a[None], b[None]).item()}
+    out = {"psnr": 10 * math.log10(1 / mse) if mse else math.inf, "mse": mse, "ssim": ssim(a[None], b[None]).item()}
+    if lpips is not None:
+        out["lpips"] = lpips(a[None] * 2 - 1, b[None] * 2 - 1).item()
+    return out
 
 
 def read_rgb(path: Path):  # (3, H, W) float in [0, 1], as the protocol's np.array(image) / 255
@@ -409,10 +415,66 @@ def edited_path(pred: Path, image_path: str) -> Path | None:
     return None
 
 
-def pie_bench(data: Path, pred: Path, dino=None) -> dict:
+class Fire(nn.Module):
+    """SqueezeNet's module: a 1x1 squeeze, then 1x1 and 3x3 expansions side by side (torchvision's names)."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1, self.expand3x3 = nn.Conv2d(squeeze, expand, 1), nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+class LPIPS(nn.Module):
+    """LPIPS on SqueezeNet 1.1 (PIE-Bench's: torchmetrics' net_type="squeeze", the lpips package's weights).
+
+    Both images are shifted and scaled (ScalingLayer), run through SqueezeNet's features; at each of its seven
+    ReLU stages the channel-normalised features are subtracted, squared, weighted by that stage's 1x1
+    convolution (lin0..lin6) and averaged over space; the seven averages add up."""
+
+    STAGES = (2, 5, 8, 10, 11, 12, 13)  # features[previous:end] reaches the next compared ReLU
+    SHIFT, SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
+
+    def __init__(self):
+        super().__init__()
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(), pool(), Fire(64, 16, 64), Fire(128, 16, 64), pool(),
+            Fire(128, 32, 128), Fire(256, 32, 128), pool(), Fire(256, 48, 192), Fire(384, 48, 192),
+            Fire(384, 64, 256), Fire(512, 64, 256))
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 384, 384, 512, 512))
+
+    def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] x2 -> (B,)
+        shift, scale = a.new_tensor(self.SHIFT).view(1, 3, 1, 1), a.new_tensor(self.SCALE).view(1, 3, 1, 1)
+        a, b = (a - shift) / scale, (b - shift) / scale
+        unit = lambda x: x / torch.sqrt(1e-8 + x.pow(2).sum(1, keepdim=True))
+        total, start = 0, 0
+        for end, lin in zip(self.STAGES, self.lins):
+            a, b = self.features[start:end](a), self.features[start:end](b)
+            total = total + lin((unit(a) - unit(b)).pow(2)).mean((2, 3))
+            start = end
+        return total.flatten()
+
+
+def load_lpips(squeezenet: Path, linear: Path) -> LPIPS:
+    """From torchvision's squeezenet1_1 state dict (its classifier is ignored) and the lpips package's squeeze.pth."""
+    backbone, _ = read_checkpoint(squeezenet)
+    lins, _ = read_checkpoint(linear)
+    sd = {k: v for k, v in backbone.items() if k.startswith("features.")}
+    sd.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin") and k.endswith(".model.1.weight")})
+    model = LPIPS()
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, f"{squeezenet} + {linear}", "LPIPS")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model.eval().requires_grad_(False)
+
+
+def pie_bench(data: Path, pred: Path, dino=None, lpips=None) -> dict:
     """The PIE-Bench numbers of the edited images in `pred` (each at its record's image_path), in the paper's
-    units, by editing type and in total; structure distance with `dino` (DINO ViT-B/8), the metrics whose
-    networks are not loaded null."""
+    units, by editing type and in total; structure distance with `dino` (DINO ViT-B/8), LPIPS with `lpips`; the
+    metrics whose networks are not given are null."""
     records = pie_records(data)
     found = {k: edited_path(pred, r["image_path"]) for k, r in records.items()}
     missing = [records[k]["image_path"] for k, path in found.items() if path is None]
@@ -430,7 +492,7 @@ def pie_bench(data: Path, pred: Path, dino=None) -> dict:
         row = {"structure_distance": structure_distance(dino, source, edited)} if dino is not None else {}
         keep = (~rle_mask(r["mask"])).float()
         if keep.sum():  # the protocol has no unedited part to score otherwise
-            row.update(unedited_metrics(source, edited, keep))
+            row.update(unedited_metrics(source, edited, keep, lpips))
             unedited += 1
         per_type.setdefault(r["editing_type_id"], []).append(row)
     rows = [row for t in per_type.values() for row in t]
@@ -498,6 +560,8 @@ def parse_args(argv=None):
     p.add_argument("--pred", type=Path, help="--bench pie: the edited images, each at its record's image_path")
     p.add_argument("--dino-v1", type=Path, help="--bench pie: DINO ViT-B/8, the official dino_vitbase8_pretrain.pth, "
                    "for the structure distance")
+    p.add_argument("--lpips", type=Path, nargs=2, metavar=("SQUEEZENET", "LINEAR"), help="--bench pie: LPIPS's networks: "
+                   "torchvision's squeezenet1_1-b8a52dc0.pth and the lpips package's weights/v0.1/squeeze.pth")
     p.add_argument("--out", "--json", type=Path, dest="out", help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"error: {message} (eval.py --help lists the flags)\n")  # one line, no usage
@@ -528,12 +592,13 @@ def main(argv=None):
             raise SampleError(f"--out {args.out}: is a directory")
         if args.bench == "pie" and not (args.data and args.pred):
             raise SampleError("--bench pie needs --data PIE_DIR and --pred PRED_DIR")
-        if args.bench != "pie" and (args.data or args.pred or args.dino_v1):
-            raise SampleError("--data, --pred and --dino-v1 are for --bench pie")
+        if args.bench != "pie" and (args.data or args.pred or args.dino_v1 or args.lpips):
+            raise SampleError("--data, --pred, --dino-v1 and --lpips are for --bench pie")
         if args.bench != "toy" and (args.split != "heldout" or args.varied or args.teacher_forced):
             raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
         if args.bench == "pie":
-            result = pie_bench(args.data, args.pred, load_dinov2(args.dino_v1) if args.dino_v1 else None)
+            result = pie_bench(args.data, args.pred, load_dinov2(args.dino_v1) if args.dino_v1 else None,
+                               load_lpips(*args.lpips) if args.lpips else None)
         elif args.bench == "vq":
             result = reconstruction(args.ckpt, args.n, args.batch, args.seed, args.device)
         else:
@@ -590,7 +655,9 @@ def print_pie(result):
         print(f"| {label} | " + " | ".join("-" if row[m] is None else f"{row[m]:.2f}" for m in names) + " |")
     if result["total"]["structure_distance"] is None:
         print("structure distance: not computed (--dino-v1 dino_vitbase8_pretrain.pth gives its network)")
-    print("LPIPS and CLIP similarity: not computed (this code does not load their networks yet)")
+    if result["total"]["lpips"] is None:
+        print("LPIPS: not computed (--lpips SQUEEZENET LINEAR gives its networks)")
+    print("CLIP similarity: not computed (this code does not load CLIP yet)")
 
 
 if __name__ == "__main__":

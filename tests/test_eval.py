@@ -146,3 +146,25 @@ def test_pie_bench_reports_structure_distance_for_every_record(tmp_path):
     assert result["by_type"]["change style"]["structure_distance"] is not None
     assert result["by_type"]["change style"]["psnr"] is None
     assert 0 <= result["total"]["structure_distance"] < 1  # the copies differ by JPEG's rounding only
+
+
+def test_lpips_matches_torchmetrics_with_official_format_weights():
+    """torchvision's squeezenet1_1 features and the lpips package's linear layers (random, tests/fixtures/lpips)."""
+    lpips = evaluation.load_lpips(FIXTURES / "lpips" / "squeezenet1_1_features.pth", FIXTURES / "lpips" / "squeeze.pth")
+    ref = load_file(FIXTURES / "lpips" / "reference.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(lpips(ref["a"], ref["b"]), ref["lpips"], rtol=1e-4, atol=1e-7)
+        assert torch.equal(lpips(ref["a"], ref["a"]), torch.zeros(2))
+
+
+def test_pie_bench_lpips_compares_the_masked_images(tmp_path):
+    """Outside the edit only: an output that differs from the source inside the mask alone scores 0."""
+    lpips = evaluation.load_lpips(FIXTURES / "lpips" / "squeezenet1_1_features.pth", FIXTURES / "lpips" / "squeeze.pth")
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(3, 64, 64, generator=g)
+    keep = torch.ones(64, 64)
+    keep[10:30, 20:50] = 0
+    inside = source.clone()
+    inside[:, 10:30, 20:50] = 1 - inside[:, 10:30, 20:50]
+    assert evaluation.unedited_metrics(source, inside, keep, lpips)["lpips"] == 0
+    assert evaluation.unedited_metrics(source, off_by(source), keep, lpips)["lpips"] > 0
