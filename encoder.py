@@ -7,6 +7,7 @@ renamed into that layout on load. Outputs match the official code to float32 rou
     images in [-1,1] --preprocess--> (B,3,H,W) normalised --ViT--> F_s (B, h, w, C), h = H / 14
 """
 import html
+import json
 import math
 import re
 import unicodedata
@@ -14,6 +15,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -629,3 +632,200 @@ def clean_caption(text: str) -> str:
         else:
             text = re.sub(pattern, replacement, text)
     return text.strip()
+
+
+# ---------------------------------------------------------------- CLIP: PIE-Bench's image-text similarity
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CLIPTowerConfig:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    eps: float = 1e-5
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: CLIPTowerConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.hidden, cfg.hidden) for _ in range(4))
+
+    def forward(self, x, causal: bool):  # (B, N, C)
+        B, N, C = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, C // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, N, C))
+
+
+class CLIPMlp(nn.Module):
+    def __init__(self, cfg: CLIPTowerConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.hidden, cfg.intermediate), nn.Linear(cfg.intermediate, cfg.hidden)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick GELU, as OpenAI's CLIP was trained
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg: CLIPTowerConfig):
+        super().__init__()
+        self.layer_norm1, self.self_attn = nn.LayerNorm(cfg.hidden, eps=cfg.eps), CLIPAttention(cfg)
+        self.layer_norm2, self.mlp = nn.LayerNorm(cfg.hidden, eps=cfg.eps), CLIPMlp(cfg)
+
+    def forward(self, x, causal: bool):
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTowerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x, causal: bool):
+        for layer in self.layers:
+            x = layer(x, causal)
+        return x
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, vocab: int, positions: int, dim: int):
+        super().__init__()
+        self.token_embedding, self.position_embedding = nn.Embedding(vocab, dim), nn.Embedding(positions, dim)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, dim: int, patch: int, image_size: int):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(dim))
+        self.patch_embedding = nn.Conv2d(3, dim, patch, stride=patch, bias=False)
+        self.position_embedding = nn.Embedding(1 + (image_size // patch) ** 2, dim)
+
+
+class CLIPText(nn.Module):
+    def __init__(self, cfg: CLIPTowerConfig, vocab: int, positions: int):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(vocab, positions, cfg.hidden)
+        self.encoder, self.final_layer_norm = CLIPEncoder(cfg), nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+
+    def forward(self, ids):  # (1, T) -> (1, C): the state of the first end-of-text token (the largest id)
+        e = self.embeddings
+        x = e.token_embedding(ids) + e.position_embedding.weight[:ids.shape[1]]
+        x = self.final_layer_norm(self.encoder(x, causal=True))
+        return x[torch.arange(len(ids)), ids.argmax(-1)]
+
+
+class CLIPVision(nn.Module):
+    def __init__(self, cfg: CLIPTowerConfig, patch: int, image_size: int):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg.hidden, patch, image_size)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)  # sic: the checkpoints' name
+        self.encoder, self.post_layernorm = CLIPEncoder(cfg), nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+
+    def forward(self, x):  # (B, 3, S, S) normalised -> (B, C): the class token
+        e = self.embeddings
+        x = e.patch_embedding(x).flatten(2).transpose(1, 2)
+        x = torch.cat([e.class_embedding.expand(len(x), 1, -1), x], 1) + e.position_embedding.weight
+        return self.post_layernorm(self.encoder(self.pre_layrnorm(x), causal=False)[:, 0])
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE (vocab.json, merges.txt): lower-cased, white space collapsed, split by CLIP's
+    pattern (letters with Python's `re`: ideographs are not split one by one as transformers' basic
+    tokenizer does), each piece's bytes as symbols, the last one ending in "</w>", merged by rank."""
+
+    PATTERN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
+                         re.IGNORECASE)
+
+    def __init__(self, folder: Path):
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder / name}: missing: CLIP's tokenizer files must sit in the model folder")
+        self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+        self.ranks = {tuple(m.split()): i for i, m in enumerate(m for m in merges if m.strip())}
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        others = [b for b in range(256) if b not in keep]
+        self.byte_symbol = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+    def bpe(self, piece: str) -> list[str]:
+        word = [self.byte_symbol[b] for b in piece.encode("utf-8")]
+        word[-1] += "</w>"
+        while len(word) > 1:
+            pairs = [(self.ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(word, word[1:]))]
+            rank, i = min(pairs)
+            if rank == math.inf:
+                break
+            first, second = word[i], word[i + 1]
+            merged, j = [], 0
+            while j < len(word):  # every occurrence of the pair, left to right
+                if j + 1 < len(word) and word[j] == first and word[j + 1] == second:
+                    merged.append(first + second)
+                    j += 2
+                else:
+                    merged.append(word[j])
+                    j += 1
+            word = merged
+        return word
+
+    def encode(self, text: str) -> list[int]:  # [<|startoftext|>, ..., <|endoftext|>]
+        text = " ".join(text.lower().split())
+        tokens = [t for piece in self.PATTERN.findall(text) for t in self.bpe(piece)]
+        return [self.vocab["<|startoftext|>"], *(self.vocab[t] for t in tokens), self.vocab["<|endoftext|>"]]
+
+
+class CLIP(nn.Module):
+    """CLIP's two towers and projections in the Hugging Face layout (openai/clip-vit-large-patch14), for
+    torchmetrics' CLIPScore as PIE-Bench computes it: max(100 cos(E_I, E_C), 0)."""
+
+    def __init__(self, config: dict, tokenizer: CLIPTokenizer):
+        super().__init__()
+        t, v = config.get("text_config", {}), config.get("vision_config", {})
+        tower = lambda c, d: CLIPTowerConfig(c.get("hidden_size", d[0]), c.get("intermediate_size", d[1]),
+                                             c.get("num_hidden_layers", 12), c.get("num_attention_heads", d[2]),
+                                             c.get("layer_norm_eps", 1e-5))
+        self.positions, self.image_size = t.get("max_position_embeddings", 77), v.get("image_size", 224)
+        self.text_model = CLIPText(tower(t, (512, 2048, 8)), t.get("vocab_size", 49408), self.positions)
+        self.vision_model = CLIPVision(tower(v, (768, 3072, 12)), v.get("patch_size", 32), self.image_size)
+        dim = config.get("projection_dim", 512)
+        self.visual_projection = nn.Linear(self.vision_model.post_layernorm.normalized_shape[0], dim, bias=False)
+        self.text_projection = nn.Linear(self.text_model.final_layer_norm.normalized_shape[0], dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.tokenizer = tokenizer
+
+    def preprocess(self, image):  # (3, H, W) uint8 -> (1, 3, S, S): CLIP's processor, PIL's bicubic resize
+        S = self.image_size
+        H, W = image.shape[1:]
+        h, w = (S, int(S * W / H)) if H <= W else (int(S * H / W), S)
+        pil = PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).resize((w, h), PIL.Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1)
+        top, left = (h - S) // 2, (w - S) // 2
+        x = x[:, top:top + S, left:left + S]
+        return ((x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None])[None]
+
+    @torch.no_grad()
+    def score(self, image, text: str) -> float:
+        """CLIPScore of one uint8 image (3, H, W) and its text; a text past 77 tokens is cut there (as torchmetrics)."""
+        ids = torch.tensor([self.tokenizer.encode(text)[:self.positions]])
+        dev = self.logit_scale.device
+        E_I = self.visual_projection(self.vision_model(self.preprocess(image).to(dev)))
+        E_C = self.text_projection(self.text_model(ids.to(dev)))
+        return max(100 * F.cosine_similarity(E_I, E_C).item(), 0.0)
+
+
+def load_clip(folder) -> CLIP:
+    """A frozen CLIP from a Hugging Face folder (config.json, the weights, vocab.json, merges.txt)."""
+    folder = Path(folder)
+    sd, config = read_checkpoint(folder)
+    if config.get("model_type") != "clip":
+        raise CheckpointError(f"{folder}: config.json describes a {config.get('model_type')!r} model, not CLIP")
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a buffer older exports stored
+    model = CLIP(config, CLIPTokenizer(folder))
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, folder, "CLIP")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model.eval().requires_grad_(False)

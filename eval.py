@@ -44,8 +44,9 @@ scores edited images on PIE-Bench (the paper's Table 3) as its protocol's evalua
 evaluation/): PRED_DIR holds each record's edited image at the record's image_path (or the same name as a PNG),
 and outside the record's edit mask (run-length decoded, its border counted as edited) PSNR, MSE (x 10^4) and SSIM
 (x 10^2) compare it with the source, by editing type and in total; with --lpips also LPIPS (x 10^3, SqueezeNet)
-there, and with --dino-v1 the structure distance (x 10^3) of the whole images. CLIP similarity needs a network
-this code does not load yet: it is null.
+there, with --dino-v1 the structure distance (x 10^3) of the whole images, and with --clip the CLIP similarity
+(CLIPScore, 100 x cosine) of the target prompt with the whole edited image and with its edited region. A metric
+whose network is not given is null.
 
     python eval.py --ablate compression
 
@@ -78,7 +79,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
 from data import DataError, DrawnEdits, ToyEdits
-from encoder import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+from encoder import IMAGENET_MEAN, IMAGENET_STD, load_clip, load_dinov2
 import train
 from model import load_scar
 from vq import load_msvq, load_vq
@@ -471,10 +472,10 @@ def load_lpips(squeezenet: Path, linear: Path) -> LPIPS:
     return model.eval().requires_grad_(False)
 
 
-def pie_bench(data: Path, pred: Path, dino=None, lpips=None) -> dict:
+def pie_bench(data: Path, pred: Path, dino=None, lpips=None, clip=None) -> dict:
     """The PIE-Bench numbers of the edited images in `pred` (each at its record's image_path), in the paper's
-    units, by editing type and in total; structure distance with `dino` (DINO ViT-B/8), LPIPS with `lpips`; the
-    metrics whose networks are not given are null."""
+    units, by editing type and in total; structure distance with `dino` (DINO ViT-B/8), LPIPS with `lpips`, CLIP
+    similarity with `clip`; the metrics whose networks are not given are null."""
     records = pie_records(data)
     found = {k: edited_path(pred, r["image_path"]) for k, r in records.items()}
     missing = [records[k]["image_path"] for k, path in found.items() if path is None]
@@ -490,7 +491,10 @@ def pie_bench(data: Path, pred: Path, dino=None, lpips=None) -> dict:
         if source.shape != edited.shape:
             raise DataError(f"{r['image_path']}: the source is {source.shape[2]}x{source.shape[1]}, PIE-Bench's are {PIE_SIDE}")
         row = {"structure_distance": structure_distance(dino, source, edited)} if dino is not None else {}
-        keep = (~rle_mask(r["mask"])).float()
+        edit = rle_mask(r["mask"])
+        if clip is not None:
+            row.update(clip_similarity(clip, edited, edit, r.get("editing_prompt", "")))
+        keep = (~edit).float()
         if keep.sum():  # the protocol has no unedited part to score otherwise
             row.update(unedited_metrics(source, edited, keep, lpips))
             unedited += 1
@@ -506,6 +510,14 @@ def pie_summary(rows: list[dict]) -> dict:  # the mean of each metric over the r
         values = [row[name] for row in rows if name in row]
         out[name] = statistics.fmean(values) * unit if values else None
     return out
+
+
+def clip_similarity(clip, edited, edit, prompt: str) -> dict:  # edited (3, H, W) in [0, 1], edit (H, W) bool
+    """CLIPScore of the target prompt (its [brackets] removed) with the whole edited image and with the edited
+    region alone (black outside the mask), from the image's 8-bit pixels as the protocol reads them."""
+    prompt = prompt.replace("[", "").replace("]", "")
+    pixels = (edited * 255).round().to(torch.uint8)
+    return {"clip_whole": clip.score(pixels, prompt), "clip_edited": clip.score(pixels * edit, prompt)}
 
 
 def key_self_similarity(dino, img, with_keys=False):  # img (3, H, W) in [0, 1] -> (N, N), N = 1 + (224 / 8)^2
@@ -560,6 +572,8 @@ def parse_args(argv=None):
     p.add_argument("--pred", type=Path, help="--bench pie: the edited images, each at its record's image_path")
     p.add_argument("--dino-v1", type=Path, help="--bench pie: DINO ViT-B/8, the official dino_vitbase8_pretrain.pth, "
                    "for the structure distance")
+    p.add_argument("--clip", type=Path, help="--bench pie: CLIP ViT-L/14, the Hugging Face openai/clip-vit-large-patch14 "
+                   "folder, for the CLIP similarities")
     p.add_argument("--lpips", type=Path, nargs=2, metavar=("SQUEEZENET", "LINEAR"), help="--bench pie: LPIPS's networks: "
                    "torchvision's squeezenet1_1-b8a52dc0.pth and the lpips package's weights/v0.1/squeeze.pth")
     p.add_argument("--out", "--json", type=Path, dest="out", help="also write the results to this JSON file")
@@ -592,13 +606,13 @@ def main(argv=None):
             raise SampleError(f"--out {args.out}: is a directory")
         if args.bench == "pie" and not (args.data and args.pred):
             raise SampleError("--bench pie needs --data PIE_DIR and --pred PRED_DIR")
-        if args.bench != "pie" and (args.data or args.pred or args.dino_v1 or args.lpips):
-            raise SampleError("--data, --pred, --dino-v1 and --lpips are for --bench pie")
+        if args.bench != "pie" and (args.data or args.pred or args.dino_v1 or args.lpips or args.clip):
+            raise SampleError("--data, --pred, --dino-v1, --lpips and --clip are for --bench pie")
         if args.bench != "toy" and (args.split != "heldout" or args.varied or args.teacher_forced):
             raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
         if args.bench == "pie":
             result = pie_bench(args.data, args.pred, load_dinov2(args.dino_v1) if args.dino_v1 else None,
-                               load_lpips(*args.lpips) if args.lpips else None)
+                               load_lpips(*args.lpips) if args.lpips else None, load_clip(args.clip) if args.clip else None)
         elif args.bench == "vq":
             result = reconstruction(args.ckpt, args.n, args.batch, args.seed, args.device)
         else:
@@ -657,7 +671,8 @@ def print_pie(result):
         print("structure distance: not computed (--dino-v1 dino_vitbase8_pretrain.pth gives its network)")
     if result["total"]["lpips"] is None:
         print("LPIPS: not computed (--lpips SQUEEZENET LINEAR gives its networks)")
-    print("CLIP similarity: not computed (this code does not load CLIP yet)")
+    if result["total"]["clip_whole"] is None:
+        print("CLIP similarity: not computed (--clip FOLDER gives its network)")
 
 
 if __name__ == "__main__":

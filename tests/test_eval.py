@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,14 +110,16 @@ def test_pie_bench_resizes_a_smaller_prediction_and_says_so(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("no mapping", "mapping_file.json: no such file"),
     ("missing predictions", "2 of 3 edited images are missing under"),
-    ("no --pred", "--bench pie needs --data PIE_DIR and --pred PRED_DIR")])
+    ("no --pred", "--bench pie needs --data PIE_DIR and --pred PRED_DIR"),
+    ("not a CLIP folder", "config.json")])
 def test_pie_bench_user_mistakes_are_one_line(tmp_path, capsys, case, message):
     records = json.loads((PIE / "mapping_file.json").read_text())
     first = next(iter(records.values()))["image_path"]
     save_png(evaluation.read_rgb(PIE / "annotation_images" / first), tmp_path / "pred" / first)
     argv = {"no mapping": ["--data", str(tmp_path), "--pred", str(tmp_path / "pred")],
             "missing predictions": ["--data", str(PIE), "--pred", str(tmp_path / "pred")],
-            "no --pred": ["--data", str(PIE)]}[case]
+            "no --pred": ["--data", str(PIE)],
+            "not a CLIP folder": ["--data", str(PIE), "--pred", str(tmp_path / "pred"), "--clip", str(PIE)]}[case]
     with pytest.raises(SystemExit) as e:
         evaluation.main(["--bench", "pie", *argv])
     err = capsys.readouterr().err
@@ -168,3 +171,32 @@ def test_pie_bench_lpips_compares_the_masked_images(tmp_path):
     inside[:, 10:30, 20:50] = 1 - inside[:, 10:30, 20:50]
     assert evaluation.unedited_metrics(source, inside, keep, lpips)["lpips"] == 0
     assert evaluation.unedited_metrics(source, off_by(source), keep, lpips)["lpips"] > 0
+
+
+def test_clip_score_matches_torchmetrics_with_a_hugging_face_folder():
+    """CLIP's BPE ids and torchmetrics' CLIPScore (tests/fixtures/clip_hf: a tiny random CLIP, its vocabulary
+    cut down): lower-casing, punctuation, an apostrophe, digits and the processor's bicubic resize."""
+    clip = evaluation.load_clip(FIXTURES / "clip_hf")
+    ref = load_file(FIXTURES / "clip_hf" / "reference.safetensors")
+    prompts = json.loads((FIXTURES / "clip_hf" / "prompts.json").read_text())
+    for prompt, ids in zip(prompts, ref["input_ids"]):
+        tokens = clip.tokenizer.encode(prompt)
+        assert tokens == ids[:len(tokens)].tolist()
+    for seed, prompt, expected in zip(ref["seeds"].numpy(), prompts, ref["clip_score"].tolist()):
+        image = torch.from_numpy(np.array(Image.fromarray(seed).resize((512, 512), Image.BICUBIC))).permute(2, 0, 1)
+        assert clip.score(image, prompt) == pytest.approx(expected, abs=1e-3)
+
+
+def test_pie_bench_with_every_network(tmp_path):
+    """All seven numbers come out; the edited-region CLIP score sees black outside the mask."""
+    nets = dict(dino=evaluation.load_dinov2(FIXTURES / "dino_v1" / "dino_vit_tiny8.pth", num_heads=3),
+                lpips=evaluation.load_lpips(FIXTURES / "lpips" / "squeezenet1_1_features.pth", FIXTURES / "lpips" / "squeeze.pth"),
+                clip=evaluation.load_clip(FIXTURES / "clip_hf"))
+    for r in json.loads((PIE / "mapping_file.json").read_text()).values():
+        save_png(off_by(evaluation.read_rgb(PIE / "annotation_images" / r["image_path"])), tmp_path / r["image_path"])
+    result = evaluation.pie_bench(PIE, tmp_path, **nets)
+    assert all(v is not None for v in result["by_type"]["random"].values())
+    style = result["by_type"]["change style"]  # edited everywhere: both CLIP scores see the whole image
+    assert style["clip_whole"] == pytest.approx(style["clip_edited"], abs=1e-6) and style["psnr"] is None
+    random = result["by_type"]["random"]
+    assert random["clip_whole"] != pytest.approx(random["clip_edited"], abs=1e-3)
