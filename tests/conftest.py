@@ -45,3 +45,24 @@ def assert_flex_matches_sdpa(monkeypatch, scar, prefix, inputs, batch):
     torch.testing.assert_close(H_flex, H, atol=1e-5, rtol=1e-5)
     for k in losses:
         torch.testing.assert_close(losses_flex[k], losses[k], atol=1e-5, rtol=1e-5)
+
+
+def seeded_weights(shapes: dict) -> dict:
+    """Random weights drawn from each key's position in sorted order, for networks too large to store as a
+    fixture (FID's Inception): the fixture script and the test draw the same ones. Convolutions at He scale,
+    batch-norm statistics near identity, so random activations stay finite."""
+    import torch
+    out = {}
+    for i, key in enumerate(sorted(shapes)):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(shapes[key], generator=g)
+        if key.endswith("running_var"):
+            x = 1 + 0.1 * x.abs()
+        elif key.endswith(("bn.weight",)):
+            x = 1 + 0.1 * x
+        elif key.endswith(("bn.bias", "running_mean")):
+            x = 0.1 * x
+        elif x.ndim > 1:
+            x = x * (2 / x[0].numel()) ** 0.5
+        out[key] = x
+    return out

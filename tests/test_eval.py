@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES, save_tiny_frozen
+from conftest import FIXTURES, save_tiny_frozen, seeded_weights
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -200,3 +200,28 @@ def test_pie_bench_with_every_network(tmp_path):
     assert style["clip_whole"] == pytest.approx(style["clip_edited"], abs=1e-6) and style["psnr"] is None
     random = result["by_type"]["random"]
     assert random["clip_whole"] != pytest.approx(random["clip_edited"], abs=1e-3)
+
+
+# ---------------------------------------------------------------- FID
+
+
+def test_fid_inception_matches_pytorch_fid(tmp_path):
+    """pytorch-fid's weights file layout (torchvision's names, its 1008-class fc too) with seeded weights: the
+    same pool3 features as pytorch-fid's InceptionV3 (tests/fixtures/fid/make.py)."""
+    shapes = {k: v.shape for k, v in evaluation.FIDInception().state_dict().items() if not k.endswith("num_batches_tracked")}
+    shapes.update({"fc.weight": (1008, 2048), "fc.bias": (1008,)})
+    torch.save(seeded_weights(shapes), tmp_path / "pt_inception.pth")
+    model = evaluation.load_inception(tmp_path / "pt_inception.pth")
+    ref = load_file(FIXTURES / "fid" / "reference.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(model(ref["images"]), ref["features"], rtol=1e-4, atol=1e-5)
+
+
+def test_frechet_distance_matches_pytorch_fid_and_the_closed_form():
+    ref = load_file(FIXTURES / "fid" / "reference.safetensors")
+    assert evaluation.frechet_distance(ref["a"], ref["b"]) == pytest.approx(ref["frechet"].item(), rel=1e-6)
+    assert evaluation.frechet_distance(ref["a"], ref["a"]) == pytest.approx(0, abs=1e-9)
+    # Two sets whose sample means and covariances are exactly mu and diag(s^2): FD = |mu|^2 + sum (s_a - s_b)^2.
+    base = torch.tensor([[1.0, 1], [1, -1], [-1, 1], [-1, -1]], dtype=torch.float64) * (3 / 4) ** 0.5
+    a, b = base * torch.tensor([1.0, 2.0]), base * torch.tensor([3.0, 0.5]) + torch.tensor([1.0, -2.0])
+    assert evaluation.frechet_distance(a, b) == pytest.approx(5 + (1 - 3) ** 2 + (2 - 0.5) ** 2, rel=1e-9)
