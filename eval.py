@@ -48,6 +48,16 @@ there, with --dino-v1 the structure distance (x 10^3) of the whole images, and w
 (CLIPScore, 100 x cosine) of the target prompt with the whole edited image and with its edited region. A metric
 whose network is not given is null.
 
+    python eval.py --bench control --data DIR --pred PRED_DIR --control canny --inception pt_inception.pth
+
+scores controllable generation (the paper's Tables 1 and 2) on a control folder (manifest.jsonl, README: Data):
+FID with --inception (pytorch-fid's network and definition) and FD-DINOv2 with --dino (the same distance on
+DINOv2's class token at 224 px) of the generated images against the folder's images, CLIPScore of the captions
+with --clip, and condition consistency: Canny F1 and SSIM of the generated images' Canny edges (OpenCV's 100 / 200)
+against the condition; for soft edges SSIM and for depth RMSE (0-255) of the maps your annotator made of the
+generated images (--pred-control: this code has no HED or depth network). A generated image of another size
+is resized (bicubic) to its real image's for the condition.
+
     python eval.py --ablate compression
 
 trains every row of one of the paper's ablations on the toy world (train.py, the toy recipe, the same
@@ -78,7 +88,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
-from data import DataError, DrawnEdits, ToyEdits
+from data import CONTROLS, DataError, DrawnEdits, ToyEdits, canny, read_manifest
 from encoder import IMAGENET_MEAN, IMAGENET_STD, load_clip, load_dinov2
 import train
 from model import load_scar
@@ -686,12 +696,82 @@ def structure_distance(dino, source, edited) -> float:  # (3, H, W) in [0, 1] x2
     return F.mse_loss(key_self_similarity(dino, edited), key_self_similarity(dino, source)).item()
 
 
+# ---------------------------------------------------------------- controllable generation (the paper's Tables 1-2)
+
+def edge_f1(pred, target) -> float:  # binary maps (H, W) x2
+    """F1 of predicted edge pixels against the condition's, pixel for pixel (1 when both are empty)."""
+    hit = (pred * target).sum().item()
+    n_pred, n_target = pred.sum().item(), target.sum().item()
+    return 1.0 if n_pred + n_target == 0 else 2 * hit / (n_pred + n_target)
+
+
+def gray_map(path: Path, size) -> torch.Tensor:  # a control map file -> (H, W) in [0, 1] at size (W, H)
+    rgb = read_rgb(path)
+    if tuple(rgb.shape[:0:-1]) != tuple(size):
+        rgb = F.interpolate(rgb[None], size=(size[1], size[0]), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    return rgb.mean(0)
+
+
+def condition_consistency(kind: str, generated, control: torch.Tensor, pred_control: Path | None) -> dict:
+    """How well a generated image (3, H, W) in [0, 1] follows its condition map (H, W) in [0, 1]: Canny F1 and SSIM
+    of the generated image's Canny edges (OpenCV's 100 / 200), SSIM of a soft-edge map, RMSE of a depth map on
+    0-255; the last two from the map the user's annotator made of the generated image (`pred_control`)."""
+    if kind == "canny":
+        edges = canny(generated * 2 - 1)
+        return {"canny_f1": edge_f1(edges, control.round()),
+                "ssim": ssim(edges.expand(3, -1, -1)[None], control.expand(3, -1, -1)[None]).item()}
+    if pred_control is None:
+        return {}
+    made = gray_map(pred_control, (control.shape[1], control.shape[0]))
+    if kind == "softedge":
+        return {"ssim": ssim(made.expand(3, -1, -1)[None], control.expand(3, -1, -1)[None]).item()}
+    return {"rmse": (255 * (made - control)).pow(2).mean().sqrt().item()}
+
+
+@torch.no_grad()
+def control_bench(data: Path, pred: Path, kind: str, inception=None, dino=None, clip=None, pred_controls=None) -> dict:
+    """Controllable generation scored as the paper's Tables 1-2: FID (pytorch-fid's Inception) and FD-DINOv2
+    (the same distance on DINOv2's normed class token at 224 px) of the generated images against the folder's
+    real ones, CLIPScore of the captions, and the condition consistency of each generated image."""
+    records = read_manifest(data, ("image",))
+    found = {n: edited_path(pred, r["image"]) for n, r in records}
+    missing = [r["image"] for n, r in records if found[n] is None]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(records)} generated images are missing under {pred} (first: {', '.join(missing[:3])})")
+    feats = {"inception": ([], []), "dino": ([], [])}
+    rows = []
+    for n, r in tqdm(records, desc="control", leave=False):
+        real, generated = read_rgb(data / r["image"]), read_rgb(found[n])
+        size = (real.shape[2], real.shape[1])
+        control = gray_map(data / r["control"], size) if r.get("control") else CONTROLS[kind](real * 2 - 1)
+        if generated.shape != real.shape:  # the condition is the real image's size
+            generated = F.interpolate(generated[None], size=real.shape[1:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        made = edited_path(pred_controls, r["image"]) if pred_controls else None
+        row = condition_consistency(kind, generated, control, made)
+        if clip is not None and "caption" in r:
+            row["clip_score"] = clip.score((generated * 255).round().to(torch.uint8), str(r["caption"]))
+        rows.append(row)
+        for name, net in (("inception", inception), ("dino", dino)):
+            if net is not None:
+                for store, img in zip(feats[name], (real, generated)):
+                    store.append(net(img[None]) if name == "inception" else net(net.preprocess(img[None] * 2 - 1, 224)))
+    result = {"n": len(records), "control": kind}
+    for name, key in (("inception", "fid"), ("dino", "fd_dinov2")):
+        real, generated = feats[name]
+        result[key] = frechet_distance(torch.cat(real), torch.cat(generated)) if real else None
+    for key in ("clip_score", "canny_f1", "ssim", "rmse"):
+        values = [row[key] for row in rows if key in row]
+        result[key] = statistics.fmean(values) if values else None
+    return result
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--bench", choices=["toy", "drawn", "vq", "pie"], help="toy: the toy world's held-out split; "
+    what.add_argument("--bench", choices=["toy", "drawn", "vq", "pie", "control"], help="toy: the toy world's held-out split; "
                       "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off); "
-                      "vq: the tokenizer's reconstructions of both; pie: PIE-Bench, edited images in --pred")
+                      "vq: the tokenizer's reconstructions of both; pie: PIE-Bench, edited images in --pred; control: "
+                      "controllable generation, generated images in --pred")
     what.add_argument("--ablate", choices=list(ABLATIONS), help="train and score every row of one ablation table (above)")
     p.add_argument("--steps", type=int, default=ABLATION_STEPS, help="--ablate: training steps of every row")
     p.add_argument("--runs", type=Path, default=ABLATION_DIR, help="--ablate: where each table's rows are trained")
@@ -711,8 +791,15 @@ def parse_args(argv=None):
                    "a closing '.' or '!', a leading 'please ', at random (as the toy models are trained)")
     p.add_argument("--teacher-forced", action="store_true", help="next-token: teacher-forced code accuracy by token "
                    "kind away from the edit, instead of sampling (see above)")
-    p.add_argument("--data", type=Path, help="--bench pie: PIE-Bench's folder (mapping_file.json, annotation_images/)")
-    p.add_argument("--pred", type=Path, help="--bench pie: the edited images, each at its record's image_path")
+    p.add_argument("--data", type=Path, help="--bench pie: PIE-Bench's folder (mapping_file.json, annotation_images/); "
+                   "--bench control: a control folder (manifest.jsonl: image, control, caption; README: Data)")
+    p.add_argument("--pred", type=Path, help="--bench pie / control: the edited or generated images, each at its "
+                   "record's image path (or the same name as a PNG)")
+    p.add_argument("--control", choices=list(CONTROLS), default="canny", help="--bench control: the condition kind")
+    p.add_argument("--pred-control", type=Path, help="--bench control, softedge / depth: the maps your annotator (HED, a "
+                   "depth estimator) made of the generated images, at the same relative paths")
+    p.add_argument("--inception", type=Path, help="--bench control: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for FID")
+    p.add_argument("--dino", type=Path, help="--bench control: a DINOv2 (dinov2_vitl14_pretrain.pth), for FD-DINOv2")
     p.add_argument("--dino-v1", type=Path, help="--bench pie: DINO ViT-B/8, the official dino_vitbase8_pretrain.pth, "
                    "for the structure distance")
     p.add_argument("--clip", type=Path, help="--bench pie: CLIP ViT-L/14, the Hugging Face openai/clip-vit-large-patch14 "
@@ -747,13 +834,22 @@ def main(argv=None):
             raise SampleError(f"--out {args.out}: the folder {args.out.parent} does not exist")
         if args.out and args.out.is_dir():
             raise SampleError(f"--out {args.out}: is a directory")
-        if args.bench == "pie" and not (args.data and args.pred):
-            raise SampleError("--bench pie needs --data PIE_DIR and --pred PRED_DIR")
-        if args.bench != "pie" and (args.data or args.pred or args.dino_v1 or args.lpips or args.clip):
-            raise SampleError("--data, --pred, --dino-v1, --lpips and --clip are for --bench pie")
+        folders = args.bench in ("pie", "control")
+        if folders and not (args.data and args.pred):
+            raise SampleError(f"--bench {args.bench} needs --data DIR and --pred PRED_DIR")
+        if not folders and (args.data or args.pred or args.clip):
+            raise SampleError("--data, --pred and --clip are for --bench pie and --bench control")
+        if args.bench != "pie" and (args.dino_v1 or args.lpips):
+            raise SampleError("--dino-v1 and --lpips are for --bench pie")
+        if args.bench != "control" and (args.inception or args.dino or args.pred_control):
+            raise SampleError("--inception, --dino and --pred-control are for --bench control")
         if args.bench != "toy" and (args.split != "heldout" or args.varied or args.teacher_forced):
             raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
-        if args.bench == "pie":
+        if args.bench == "control":
+            result = control_bench(args.data, args.pred, args.control, load_inception(args.inception) if args.inception else None,
+                                   load_dinov2(args.dino) if args.dino else None, load_clip(args.clip) if args.clip else None,
+                                   args.pred_control)
+        elif args.bench == "pie":
             result = pie_bench(args.data, args.pred, load_dinov2(args.dino_v1) if args.dino_v1 else None,
                                load_lpips(*args.lpips) if args.lpips else None, load_clip(args.clip) if args.clip else None)
         elif args.bench == "vq":
@@ -775,6 +871,8 @@ def main(argv=None):
                 print(f"  {kind:<24}{pct:>8.1f} %")
     elif args.bench == "pie":
         print_pie(result)
+    elif args.bench == "control":
+        print_control(result)
     elif args.bench == "vq":
         print(f"tokenizer round trip on the images of {result['n']} held-out toy edits and {result['n']} drawings")
         for name in ("toy", "drawn"):
@@ -799,6 +897,13 @@ def print_table(result):
           f"{result['plausibility']}, top-k {result['top_k']}, seed {result['seed']})")
     for name, value in rows:
         print(f"  {name:<24}{value:>12}")
+
+
+def print_control(result):
+    print(f"controllable generation, {result['n']} images, {result['control']} condition")
+    for key, name in (("fid", "FID"), ("fd_dinov2", "FD-DINOv2"), ("clip_score", "CLIP score"),
+                      ("canny_f1", "Canny F1"), ("ssim", "SSIM"), ("rmse", "RMSE (0-255)")):
+        print(f"  {name:<14}" + ("not computed" if result[key] is None else f"{result[key]:.4f}"))
 
 
 def print_pie(result):

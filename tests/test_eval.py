@@ -10,6 +10,9 @@ from conftest import FIXTURES, save_tiny_frozen, seeded_weights
 from PIL import Image
 from safetensors.torch import load_file
 
+from data import CONTROLS, canny
+from encoder import load_dinov2
+
 import eval as evaluation
 
 
@@ -110,7 +113,8 @@ def test_pie_bench_resizes_a_smaller_prediction_and_says_so(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("no mapping", "mapping_file.json: no such file"),
     ("missing predictions", "2 of 3 edited images are missing under"),
-    ("no --pred", "--bench pie needs --data PIE_DIR and --pred PRED_DIR"),
+    ("no --pred", "--bench pie needs --data DIR and --pred PRED_DIR"),
+    ("FID on PIE-Bench", "--inception, --dino and --pred-control are for --bench control"),
     ("not a CLIP folder", "config.json")])
 def test_pie_bench_user_mistakes_are_one_line(tmp_path, capsys, case, message):
     records = json.loads((PIE / "mapping_file.json").read_text())
@@ -119,6 +123,7 @@ def test_pie_bench_user_mistakes_are_one_line(tmp_path, capsys, case, message):
     argv = {"no mapping": ["--data", str(tmp_path), "--pred", str(tmp_path / "pred")],
             "missing predictions": ["--data", str(PIE), "--pred", str(tmp_path / "pred")],
             "no --pred": ["--data", str(PIE)],
+            "FID on PIE-Bench": ["--data", str(PIE), "--pred", str(tmp_path / "pred"), "--inception", "x.pth"],
             "not a CLIP folder": ["--data", str(PIE), "--pred", str(tmp_path / "pred"), "--clip", str(PIE)]}[case]
     with pytest.raises(SystemExit) as e:
         evaluation.main(["--bench", "pie", *argv])
@@ -225,3 +230,54 @@ def test_frechet_distance_matches_pytorch_fid_and_the_closed_form():
     base = torch.tensor([[1.0, 1], [1, -1], [-1, 1], [-1, -1]], dtype=torch.float64) * (3 / 4) ** 0.5
     a, b = base * torch.tensor([1.0, 2.0]), base * torch.tensor([3.0, 0.5]) + torch.tensor([1.0, -2.0])
     assert evaluation.frechet_distance(a, b) == pytest.approx(5 + (1 - 3) ** 2 + (2 - 0.5) ** 2, rel=1e-9)
+
+
+# ---------------------------------------------------------------- controllable generation
+
+
+def control_folder(tmp_path):
+    """Two captioned images, one with its Canny map as a file, one whose map the bench computes."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes((FIXTURES / "control_folder" / name).read_bytes())
+    edges = canny(evaluation.read_rgb(folder / "b.png") * 2 - 1)
+    save_png(edges.expand(3, -1, -1), folder / "b_canny.png")
+    (folder / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a cat on the grass"}) + "\n" +
+                                           json.dumps({"image": "b.png", "control": "b_canny.png", "caption": "the dog"}) + "\n")
+    return folder
+
+
+def test_control_bench_scores_generated_images(tmp_path):
+    """The real images as the generated ones: Canny F1 1, FID and FD-DINOv2 0; shifted by two pixels, less."""
+    data, pred = control_folder(tmp_path), tmp_path / "pred"
+    for name in ("a.png", "b.png"):
+        save_png(evaluation.read_rgb(data / name), pred / name)
+    inception = evaluation.FIDInception()
+    inception.load_state_dict(seeded_weights({k: v.shape for k, v in inception.state_dict().items()
+                                              if not k.endswith("num_batches_tracked")}), strict=False)
+    nets = dict(inception=inception.eval(), dino=load_dinov2(save_tiny_frozen(tmp_path / "frozen") / "dino.safetensors"),
+                clip=evaluation.load_clip(FIXTURES / "clip_hf"))
+    same = evaluation.control_bench(data, pred, "canny", **nets)
+    assert same["canny_f1"] == 1 and same["ssim"] == pytest.approx(1, abs=1e-4)
+    assert abs(same["fid"]) < 1e-6 and abs(same["fd_dinov2"]) < 1e-6 and 0 <= same["clip_score"] <= 100
+    for name in ("a.png", "b.png"):
+        save_png(evaluation.read_rgb(data / name).roll(2, dims=2), pred / name)
+    shifted = evaluation.control_bench(data, pred, "canny", **nets)
+    assert shifted["canny_f1"] < 0.9 and shifted["fid"] > 0 and shifted["rmse"] is None
+
+
+@pytest.mark.parametrize("kind, key, perfect, within", [("softedge", "ssim", 1.0, 0.01), ("depth", "rmse", 0.0, 0.5)])
+def test_control_bench_reads_the_users_annotator_maps(tmp_path, kind, key, perfect, within):
+    """Soft edges and depth need an annotator network: the maps of the generated images come from a folder."""
+    data, pred, maps = control_folder(tmp_path), tmp_path / "pred", tmp_path / "maps"
+    manifest = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    for r in manifest:
+        save_png(evaluation.read_rgb(data / r["image"]), pred / r["image"])
+        control = evaluation.read_rgb(data / r["control"]) if "control" in r else \
+            CONTROLS[kind](evaluation.read_rgb(data / r["image"]) * 2 - 1).expand(3, -1, -1)
+        save_png(control, maps / r["image"])
+    result = evaluation.control_bench(data, pred, kind, pred_controls=maps)
+    assert result[key] == pytest.approx(perfect, abs=within)  # the maps were stored in 8 bits
+    assert result["canny_f1"] is None and result["fid"] is None
+    assert evaluation.control_bench(data, pred, kind)[key] is None  # no annotator maps: not computed
