@@ -582,45 +582,71 @@ class Fire(nn.Module):
         return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
 
 
+def conv_relu(cin: int, cout: int, kernel: int, stride=1, padding=0):
+    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding), nn.ReLU()]
+
+
+def lpips_backbone(net: str) -> tuple[nn.Sequential, tuple, tuple]:
+    """torchvision's `features` of SqueezeNet 1.1, AlexNet or VGG16 (its indices, so its state dict loads), the
+    end of each stage whose ReLU LPIPS compares, and those stages' widths."""
+    pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=net == "squeeze")
+    if net == "squeeze":
+        layers = [*conv_relu(3, 64, 3, 2), pool(), Fire(64, 16, 64), Fire(128, 16, 64), pool(), Fire(128, 32, 128),
+                  Fire(256, 32, 128), pool(), Fire(256, 48, 192), Fire(384, 48, 192), Fire(384, 64, 256), Fire(512, 64, 256)]
+        return nn.Sequential(*layers), (2, 5, 8, 10, 11, 12, 13), (64, 128, 256, 384, 384, 512, 512)
+    if net == "alex":
+        layers = [*conv_relu(3, 64, 11, 4, 2), pool(), *conv_relu(64, 192, 5, padding=2), pool(),
+                  *conv_relu(192, 384, 3, padding=1), *conv_relu(384, 256, 3, padding=1), *conv_relu(256, 256, 3, padding=1)]
+        return nn.Sequential(*layers), (2, 5, 8, 10, 12), (64, 192, 384, 256, 256)
+    layers, cin = [], 3
+    for width, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        layers += [nn.MaxPool2d(2, 2)] if cin > 3 else []
+        for _ in range(convs):
+            layers += conv_relu(cin, width, 3, padding=1)
+            cin = width
+    return nn.Sequential(*layers), (4, 9, 16, 23, 30), (64, 128, 256, 512, 512)
+
+
 class LPIPS(nn.Module):
-    """LPIPS on SqueezeNet 1.1 (PIE-Bench's: torchmetrics' net_type="squeeze", the lpips package's weights).
+    """LPIPS (the lpips package's weights, as torchmetrics computes it; PIE-Bench's is net="squeeze").
 
-    Both images are shifted and scaled (ScalingLayer), run through SqueezeNet's features; at each of its seven
-    ReLU stages the channel-normalised features are subtracted, squared, weighted by that stage's 1x1
-    convolution (lin0..lin6) and averaged over space; the seven averages add up."""
+    Both images are shifted and scaled (ScalingLayer) and run through the backbone's features; at each stage's
+    ReLU the channel-normalised features are subtracted, squared, weighted by that stage's 1x1 convolution
+    (lin0, lin1, ...) and averaged over space; the stages' averages add up."""
 
-    STAGES = (2, 5, 8, 10, 11, 12, 13)  # features[previous:end] reaches the next compared ReLU
     SHIFT, SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
 
-    def __init__(self):
+    def __init__(self, net: str = "squeeze"):
         super().__init__()
-        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(), pool(), Fire(64, 16, 64), Fire(128, 16, 64), pool(),
-            Fire(128, 32, 128), Fire(256, 32, 128), pool(), Fire(256, 48, 192), Fire(384, 48, 192),
-            Fire(384, 64, 256), Fire(512, 64, 256))
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 384, 384, 512, 512))
+        self.features, self.stages, widths = lpips_backbone(net)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in widths)
 
     def forward(self, a, b):  # (B, 3, H, W) in [-1, 1] x2 -> (B,)
         shift, scale = a.new_tensor(self.SHIFT).view(1, 3, 1, 1), a.new_tensor(self.SCALE).view(1, 3, 1, 1)
         a, b = (a - shift) / scale, (b - shift) / scale
         unit = lambda x: x / torch.sqrt(1e-8 + x.pow(2).sum(1, keepdim=True))
         total, start = 0, 0
-        for end, lin in zip(self.STAGES, self.lins):
+        for end, lin in zip(self.stages, self.lins):
             a, b = self.features[start:end](a), self.features[start:end](b)
             total = total + lin((unit(a) - unit(b)).pow(2)).mean((2, 3))
             start = end
         return total.flatten()
 
 
-def load_lpips(squeezenet: Path, linear: Path) -> LPIPS:
-    """From torchvision's squeezenet1_1 state dict (its classifier is ignored) and the lpips package's squeeze.pth."""
-    backbone, _ = read_checkpoint(squeezenet)
+LPIPS_NETS = {"squeeze": "squeezenet1_1", "alex": "alexnet", "vgg": "vgg16"}
+
+
+def load_lpips(backbone: Path, linear: Path) -> LPIPS:
+    """From torchvision's state dict of SqueezeNet 1.1, AlexNet or VGG16 (the classifier is ignored) and the lpips
+    package's linear layers for it (weights/v0.1/squeeze.pth, alex.pth, vgg.pth); the backbone is told by its keys."""
+    backbone_sd, _ = read_checkpoint(backbone)
     lins, _ = read_checkpoint(linear)
-    sd = {k: v for k, v in backbone.items() if k.startswith("features.")}
+    first = tuple(backbone_sd.get("features.0.weight", torch.empty(0)).shape)
+    net = "squeeze" if "features.3.squeeze.weight" in backbone_sd else "alex" if first == (64, 3, 11, 11) else "vgg"
+    sd = {k: v for k, v in backbone_sd.items() if k.startswith("features.")}
     sd.update({f"lins.{k[3]}.weight": v for k, v in lins.items() if k.startswith("lin") and k.endswith(".model.1.weight")})
-    model = LPIPS()
-    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, f"{squeezenet} + {linear}", "LPIPS")
+    model = LPIPS(net)
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, f"{backbone} + {linear}", f"LPIPS ({LPIPS_NETS[net]})")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.eval().requires_grad_(False)
 
@@ -804,8 +830,9 @@ def parse_args(argv=None):
                    "for the structure distance")
     p.add_argument("--clip", type=Path, help="--bench pie: CLIP ViT-L/14, the Hugging Face openai/clip-vit-large-patch14 "
                    "folder, for the CLIP similarities")
-    p.add_argument("--lpips", type=Path, nargs=2, metavar=("SQUEEZENET", "LINEAR"), help="--bench pie: LPIPS's networks: "
-                   "torchvision's squeezenet1_1-b8a52dc0.pth and the lpips package's weights/v0.1/squeeze.pth")
+    p.add_argument("--lpips", type=Path, nargs=2, metavar=("BACKBONE", "LINEAR"), help="--bench pie: LPIPS's networks: "
+                   "torchvision's squeezenet1_1-b8a52dc0.pth and the lpips package's weights/v0.1/squeeze.pth (the "
+                   "protocol's; AlexNet or VGG16 with alex.pth or vgg.pth load too)")
     p.add_argument("--out", "--json", type=Path, dest="out", help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"error: {message} (eval.py --help lists the flags)\n")  # one line, no usage
@@ -918,7 +945,7 @@ def print_pie(result):
     if result["total"]["structure_distance"] is None:
         print("structure distance: not computed (--dino-v1 dino_vitbase8_pretrain.pth gives its network)")
     if result["total"]["lpips"] is None:
-        print("LPIPS: not computed (--lpips SQUEEZENET LINEAR gives its networks)")
+        print("LPIPS: not computed (--lpips BACKBONE LINEAR gives its networks)")
     if result["total"]["clip_whole"] is None:
         print("CLIP similarity: not computed (--clip FOLDER gives its network)")
 

@@ -281,3 +281,20 @@ def test_control_bench_reads_the_users_annotator_maps(tmp_path, kind, key, perfe
     assert result[key] == pytest.approx(perfect, abs=within)  # the maps were stored in 8 bits
     assert result["canny_f1"] is None and result["fid"] is None
     assert evaluation.control_bench(data, pred, kind)[key] is None  # no annotator maps: not computed
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_alexnet_and_vgg16_match_torchmetrics(tmp_path, net):
+    """The other two backbones the lpips package ships linear layers for, from torchvision-named state dicts
+    (seeded weights: tests/fixtures/lpips/make.py seeded_reference)."""
+    model = evaluation.LPIPS(net)
+    shapes = {k: v.shape for k, v in model.features.state_dict().items()}
+    shapes = {f"features.{k}": v for k, v in shapes.items()}
+    shapes.update({f"lin{i}.model.1.weight": lin.weight.shape for i, lin in enumerate(model.lins)})
+    weights = seeded_weights(shapes)
+    torch.save({k: v for k, v in weights.items() if k.startswith("features.")}, tmp_path / "backbone.pth")
+    torch.save({k: v for k, v in weights.items() if k.startswith("lin")}, tmp_path / "lin.pth")
+    lpips = evaluation.load_lpips(tmp_path / "backbone.pth", tmp_path / "lin.pth")
+    ref = load_file(FIXTURES / "lpips" / "reference.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(lpips(ref["a"], ref["b"]), ref[f"lpips_{net}"], rtol=1e-4, atol=1e-8)
