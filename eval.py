@@ -928,9 +928,11 @@ def print_table(result):
 
 def print_control(result):
     print(f"controllable generation, {result['n']} images, {result['control']} condition")
+    needs = {"fid": "--inception", "fd_dinov2": "--dino", "clip_score": "--clip (and captions)", "canny_f1": "--control canny",
+             "ssim": "--pred-control, or --control canny", "rmse": "--control depth --pred-control"}
     for key, name in (("fid", "FID"), ("fd_dinov2", "FD-DINOv2"), ("clip_score", "CLIP score"),
                       ("canny_f1", "Canny F1"), ("ssim", "SSIM"), ("rmse", "RMSE (0-255)")):
-        print(f"  {name:<14}" + ("not computed" if result[key] is None else f"{result[key]:.4f}"))
+        print(f"  {name:<14}" + (f"not computed (needs {needs[key]})" if result[key] is None else f"{result[key]:.4f}"))
 
 
 def print_pie(result):

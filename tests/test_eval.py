@@ -298,3 +298,23 @@ def test_lpips_alexnet_and_vgg16_match_torchmetrics(tmp_path, net):
     ref = load_file(FIXTURES / "lpips" / "reference.safetensors")
     with torch.no_grad():
         assert torch.allclose(lpips(ref["a"], ref["b"]), ref[f"lpips_{net}"], rtol=1e-4, atol=1e-8)
+
+
+def test_edge_f1_of_known_maps():
+    target = torch.zeros(4, 4)
+    target[1, :] = 1  # four edge pixels
+    pred = torch.zeros(4, 4)
+    pred[1, :2] = 1
+    pred[3, 0] = 1  # two hits, one false edge: precision 2/3, recall 2/4
+    assert evaluation.edge_f1(pred, target) == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+    assert evaluation.edge_f1(torch.zeros(4, 4), torch.zeros(4, 4)) == 1
+
+
+def test_an_unreadable_prediction_is_one_line(tmp_path, capsys):
+    for r in json.loads((PIE / "mapping_file.json").read_text()).values():
+        (tmp_path / r["image_path"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / r["image_path"]).write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--bench", "pie", "--data", str(PIE), "--pred", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot read the image" in err and err.count("\n") == 1
