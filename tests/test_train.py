@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,28 @@ def test_torchrun_two_cpu_processes(frozen, tmp_path):
                                                       "rank0.pt", "rank1.pt"]
     assert read_meta(out / "checkpoint.safetensors")["step"] == 3
     assert read_meta(out / "checkpoint.safetensors")["data"] == [0, 6]  # per rank: 3 steps x micro-batch 2
+
+
+def test_torchrun_two_nodes_with_c10d_rendezvous(frozen, tmp_path):
+    """Multi-node as on a cluster (README: Training), here two launchers of one process each on this machine:
+    `torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`; the two ranks end
+    with the same weights."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=str(ROOT)))
+    out = tmp_path / "nodes"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "scar-test", str(driver),
+           *args(frozen, out, steps=2)]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), results[0][1][-3000:] + results[1][1][-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert read_meta(out / "checkpoint.safetensors")["step"] == 2
 
 
 def test_bf16_path_runs(frozen, tmp_path):
