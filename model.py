@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -112,6 +113,14 @@ def apply_rope(x, rope):  # x (B, S, H, d), rope (S, d/2, 2) -> rotated x; zero 
     cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
     out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
     return out.flatten(3).type_as(x)
+
+
+def call_block(block, checkpointing: bool, *inputs):
+    """One transformer block; with `checkpointing`, while gradients are recorded, its activations are not kept
+    but recomputed in backward (the same dropout masks: the RNG state is replayed)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
 
 
 class Prefix(NamedTuple):
@@ -319,6 +328,7 @@ class NextTokenTransformer(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        self.checkpointing = False  # recompute each block in backward (train.py --checkpointing)
         if cfg.cond == "class":
             self.cls_embedding = ClassEmbedder(cfg.num_classes, cfg.dim)
         elif cfg.cond == "caption":
@@ -398,7 +408,7 @@ class NextTokenTransformer(nn.Module):
         rope = torch.cat([prefix.rope.to(tokens.device), self.target_rope(n_tokens or N, index)])
         mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], N - 1, prefix.causal, use_flex(x))
         for layer in self.layers:
-            x = layer(x, rope, mask)
+            x = call_block(layer, self.checkpointing, x, rope, mask)
         return self.norm(x)
 
     def predict(self, H, prefix: Prefix):  # hidden states -> logits (B, N, V) of the N target tokens only
@@ -571,6 +581,7 @@ class NextScaleTransformer(nn.Module):
 
     def __init__(self, cfg: VARConfig):
         super().__init__()
+        self.checkpointing = False  # recompute each block in backward (train.py --checkpointing)
         self.cfg = cfg
         C, L = cfg.dim, sum(p * p for p in cfg.patch_nums)
         if cfg.cond == "class":
@@ -647,7 +658,7 @@ class NextScaleTransformer(nn.Module):
     def _blocks(self, x, c, mask, cache_pos: int = 0):
         cond = self.shared_ada_lin(c).view(-1, 1, 6, self.cfg.dim) if self.cfg.shared_aln else c
         for block in self.blocks:
-            x = block(x, cond, mask, cache_pos)
+            x = call_block(block, self.checkpointing, x, cond, mask, cache_pos)
         return x
 
     def head_norm(self, x, c):  # the AdaLN before the head: what the head reads (and what H_s is)

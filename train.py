@@ -66,7 +66,7 @@ TOY_RECIPES = {"next-token": dict(DEFAULTS, steps=8000, lr=1e-3, warmup=50, sche
 # What --resume compares with the checkpoint's run: these may change freely; any other difference is refused
 # unless --allow-changes is given (a changed architecture cannot load at all).
 FREE_ON_RESUME = {"steps", "save_every", "log_every", "workers", "out", "resume", "compile", "precision", "skip_bad",
-                  "dist_timeout", "allow_changes", "micro_batch_size", "export_dtype"}
+                  "dist_timeout", "allow_changes", "micro_batch_size", "export_dtype", "checkpointing"}
 PATH_FLAGS = ("data", "init", "dino", "vq", "t5")
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,6 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32; default bf16 on CUDA, fp32 on "
                    "CPU (CPU bf16 runs but is ~10-20x slower than fp32 on CPUs without bf16 units)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    p.add_argument("--checkpointing", action="store_true", help="SCAR: recompute each backbone block in backward instead "
+                   "of keeping its activations (less memory for the sizes past XL, about a third more compute)")
     p.add_argument("--init", type=Path, help="official LlamaGen GPT (.pt) or VAR (.pth) checkpoint to start the backbone from")
     p.add_argument("--dino", type=Path, help="DINOv2 checkpoint (hub .pth, HF folder, or the toy encoder's export; "
                    "default with the toy world: the shipped one)")
@@ -217,6 +219,8 @@ def check_args(p, args):
         p.error(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.checkpointing and args.task not in ("edit", "control"):
+        p.error("--checkpointing is for SCAR (--task edit or control)")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.vq_warmup and (args.task != "vq" or args.arch != "next-token"):
@@ -727,6 +731,8 @@ def train(args, run: Dist):
                          "lower --batch-size")
     task = TASKS[args.task](args, run.device, data)  # SCAR: a word-reading backbone takes its vocabulary from data
     model = task.model
+    if args.checkpointing:
+        model.backbone.checkpointing = True
     opt = make_optimizer(model, args.lr, args.weight_decay)
     ckpt = args.out / "checkpoint.safetensors"
     step, epoch, pos = resume(args, model, opt, run) if args.resume else (0, 0, 0)
