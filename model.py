@@ -26,9 +26,14 @@ from checkpoint import CheckpointError, check_state_dict, few, read_checkpoint, 
 from compressor import SemanticCompressor
 
 
+CAUSAL = "causal"  # attention_mask's answer for a plainly causal pattern: SDPA's own causal path, no dense mask
+
+
 def attention_mask(n_image: int, text_valid, target_blocks, causal: bool = False, flex: bool = False):
     """Boolean attention mask (B, 1, L, L) for [P_s ; T_t ; Z_t]; True = may attend (with flex=True the same
-    pattern as a flex_attention BlockMask).
+    pattern as a flex_attention BlockMask). Where the pattern is plain causal attention (causal=True, one token
+    per step, no padded text slot) it returns CAUSAL instead: on the CPU, SDPA would otherwise keep a float copy
+    of the (L x L) mask in every layer.
 
     n_image prefix image tokens; text_valid (B, T) with False at padded text slots; target_blocks
     the number of target tokens (next-token: each its own step) or the list of block lengths
@@ -53,6 +58,8 @@ def attention_mask(n_image: int, text_valid, target_blocks, causal: bool = False
     With target_blocks = [1, 2] instead of 3, the last two Z see each other (one scale of 2 tokens).
     """
     B, T = text_valid.shape
+    if causal and isinstance(target_blocks, int) and not flex and bool(text_valid.all()):
+        return CAUSAL
     blocks = [1] * target_blocks if isinstance(target_blocks, int) else list(target_blocks)
     n_prefix, device = n_image + T, text_valid.device
     # Each position gets a step id; a query attends to keys whose step is not later than its own.
@@ -84,9 +91,12 @@ def compiled_flex():
 
 
 def attend(q, k, v, mask, scale=None, enable_gqa=False):  # q (B, H, S, d), k, v (B, H_kv, keys, d)
-    """Attention under a dense boolean mask (SDPA, the reference path) or a BlockMask (flex_attention)."""
+    """Attention under a dense boolean mask (SDPA, the reference path), CAUSAL (SDPA's causal kernel), None
+    (every key) or a BlockMask (flex_attention)."""
     if isinstance(mask, BlockMask):  # flex has no autocast rule: q and k follow v's dtype
         return compiled_flex()(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    if isinstance(mask, str):  # CAUSAL: queries and keys are the same positions (a whole sequence, or a prefill)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
@@ -423,7 +433,8 @@ class NextTokenTransformer(nn.Module):
         shape = (B, self.layers[0].attention.n_kv_head, P + n_tokens, self.head_dim)
         for layer in self.layers:
             layer.attention.cache = (prefix.h.new_zeros(shape), prefix.h.new_zeros(shape))
-        self._decoding = (torch.cat([prefix.valid, prefix.valid.new_ones(B, n_tokens)], 1), P, n_tokens)
+        key_valid = None if prefix.valid.all() else torch.cat([prefix.valid, prefix.valid.new_ones(B, n_tokens)], 1)
+        self._decoding = (key_valid, P, n_tokens)  # nothing padded: a decode step attends to every filled key
         x = prefix.h
         mask = attention_mask(prefix.n_image, prefix.valid[:, prefix.n_image:], 0, prefix.causal)
         for layer in self.layers:
@@ -436,7 +447,7 @@ class NextTokenTransformer(nn.Module):
         pos = P + index
         x = self.tok_embeddings(tokens)[:, None].to(self.layers[0].attention.cache[0].dtype)
         rope = self.target_rope(n_tokens, torch.tensor([index], device=tokens.device))
-        mask = key_valid[:, None, None, :pos + 1]
+        mask = None if key_valid is None else key_valid[:, None, None, :pos + 1]
         for layer in self.layers:
             x = layer(x, rope, mask, cache_pos=pos)
         return self.output(self.norm(x[:, -1])).float()

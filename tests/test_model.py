@@ -5,6 +5,7 @@ from torch.nn.attention.flex_attention import create_mask
 from conftest import FIXTURES, assert_flex_matches_sdpa
 from safetensors.torch import load_file
 
+import model as model_module
 from checkpoint import CheckpointError
 from compressor import SemanticCompressor
 from model import (SCAR, GPTConfig, NextTokenTransformer, SCARConfig, apply_rope, attention_mask, encode_words,
@@ -127,6 +128,36 @@ def test_mask_pattern_of_the_docstring():
     expected_causal[2, 2] = True
     assert torch.equal(causal[0, 0], expected_causal)
     assert torch.equal(causal[1, 0], torch.tril(torch.ones(7, 7, dtype=torch.bool)))
+
+
+def test_plain_causal_pattern_takes_sdpas_causal_path_with_the_same_result(monkeypatch):
+    """No padded text and the causal flag: no dense (L x L) mask, SDPA's is_causal instead; a class-conditional
+    model's hidden states and its KV-cache decoding (whose steps then need no mask) equal the dense mask's."""
+    assert attention_mask(2, torch.ones(2, 2, dtype=torch.bool), 3, causal=True) == model_module.CAUSAL
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=g) for _ in range(3))
+    dense = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+    assert torch.allclose(model_module.attend(q, k, v, model_module.CAUSAL), model_module.attend(q, k, v, dense), atol=1e-6)
+
+    torch.manual_seed(0)
+    gpt = NextTokenTransformer(GPTConfig(dim=32, n_layer=2, n_head=2, ffn_hidden=64, vocab_size=16, cond="class",
+                                         num_classes=4, block_size=16)).eval()
+    labels, tokens = torch.tensor([1, 3]), torch.randint(0, 16, (2, 16))
+    prefix = gpt.prefix(labels)
+    fast = gpt.hidden(prefix, tokens)
+    original = model_module.attention_mask
+
+    def dense_mask(n_image, text_valid, target_blocks, causal=False, flex=False):
+        padded = torch.cat([text_valid, torch.zeros_like(text_valid[:, :1])], 1)  # one padded slot: the dense path
+        full = original(n_image, padded, target_blocks, causal, flex)
+        keep = [i for i in range(full.shape[-1]) if i != n_image + text_valid.shape[1]]
+        return full[:, :, keep][:, :, :, keep]
+    monkeypatch.setattr(model_module, "attention_mask", dense_mask)
+    assert torch.allclose(fast, gpt.hidden(prefix, tokens), atol=1e-5)
+    monkeypatch.undo()
+    runs = [generate_tokens(gpt, labels, 16, cfg=1.0, generator=torch.Generator().manual_seed(0), use_cache=c)
+            for c in (True, False)]
+    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("causal", [False, True])
