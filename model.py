@@ -761,6 +761,7 @@ class SCARConfig:
     compressor: str = "conv+resize"
     delta: float = 0.5  # weight of L_align
     pres_weight: float = 1.0  # weight of L_pres; 0 builds no U_k (the paper's Table 4, "w/o L_pres")
+    pres_head: str = "released"  # U_k: the released code's 3x3 convolutions, or "lean" (compressor.py)
     # The EditAR baseline: "vq" makes the prefix the source's own codes, embedded by the backbone (next-scale: its
     # f_hat through word_embed), compressed by the same compressor; distill > 0 adds EditAR's L_distill.
     prefix: str = "semantic"
@@ -806,7 +807,7 @@ class SCAR(nn.Module):
             raise ValueError(f"prefix must be 'semantic' or 'vq', got {cfg.prefix!r}")
         semantic = cfg.prefix == "semantic"
         width = cfg.feature_dim if semantic else D  # of the grid the compressor reads
-        self.compressor = SemanticCompressor(width, cfg.k, cfg.compressor, reconstruct=cfg.pres_weight > 0)
+        self.compressor = SemanticCompressor(width, cfg.k, cfg.compressor, reconstruct=cfg.pres_weight > 0, head=cfg.pres_head)
         self.proj = nn.Linear(cfg.feature_dim, D, bias=False) if semantic else nn.Identity()
         self.null_prefix = nn.Parameter(torch.randn(D) * 0.02)  # replaces P_s when the image is dropped
         if cfg.distill:

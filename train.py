@@ -125,6 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=2, choices=[1, 2, 4], help="compression per side (k^2 fewer prefix tokens)")
     p.add_argument("--compressor", default="conv+resize", choices=["conv+resize", "resize", "unshuffle"])
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
+    p.add_argument("--pres-head", choices=["released", "lean"], default="released", help="U_k, the reconstruction head of "
+                   "L_pres: the released code's 3x3 convolutions, or 1x1 convolutions and pixel shuffles (compressor.py)")
     p.add_argument("--pres-weight", type=float, default=1.0,
                    help="weight of L_pres; 0 builds no reconstruction head U_k (the paper's Table 4, w/o L_pres)")
     p.add_argument("--text-rope", choices=["zero", "identity"], default="zero",
@@ -334,7 +336,8 @@ class SCARTask:
         grid = (args.dino_size or args.image_size) // self.dino.cfg.patch_size
         C = self.dino.cfg.dim * (4 if args.dino_layers == "quarters" else 1)
         scar_cfg = SCARConfig(feature_dim=C, feature_grid=grid, k=args.k, compressor=args.compressor,
-                              delta=args.delta, pres_weight=args.pres_weight, stop_grad_target=args.stop_grad_target,
+                              delta=args.delta, pres_weight=args.pres_weight, pres_head=args.pres_head,
+                              stop_grad_target=args.stop_grad_target,
                               causal=args.causal, prefix=args.prefix, distill=EDITAR_DISTILL if args.distill else 0.0)
         self.model = SCAR(scar_cfg, self.backbone(data)).to(device)
         if args.init and int(os.environ.get("RANK", 0)) == 0:

@@ -190,12 +190,13 @@ WORDS = vocabulary(["make it blue", "remove", "paint it red", "add a disc"])
 
 
 def tiny_scar(causal=False, stop_grad=False, k=2, vocab=64, n_kv=2, dropout=0.0, pres_weight=1.0, text_rope="zero",
-              prefix="semantic"):
+              prefix="semantic", pres_head="released"):
     torch.manual_seed(0)
     backbone = NextTokenTransformer(GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=n_kv, ffn_hidden=128,
                                               vocab_size=vocab, cond="words", words=WORDS, text_len=12, dropout=dropout,
                                               text_rope=text_rope))
-    cfg = SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad, pres_weight=pres_weight, prefix=prefix)
+    cfg = SCARConfig(feature_dim=16, k=k, causal=causal, stop_grad_target=stop_grad, pres_weight=pres_weight, prefix=prefix,
+                     pres_head=pres_head)
     return SCAR(cfg, backbone)
 
 
@@ -321,6 +322,28 @@ def test_pres_weight_zero_builds_no_reconstruction_head():
     torch.testing.assert_close(losses["loss"], losses["ce"] + 0.5 * losses["align"])
     half = tiny_scar(pres_weight=0.5)(**batch())
     torch.testing.assert_close(half["loss"], half["ce"] + 0.5 * half["pres"] + 0.5 * half["align"])
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_lean_reconstruction_head_rebuilds_the_grid_with_far_fewer_parameters(k):
+    """U_k "lean" (1x1 conv and pixel shuffle per 2x) against the released 3x3 head: the same output grid, a
+    fraction of the parameters at DINOv2-L's width, and L_pres that training lowers."""
+    params = lambda head: sum(p.numel() for p in SemanticCompressor(1024, k, head=head).up.parameters())
+    assert params("lean") < params("released") / 10
+    torch.manual_seed(0)
+    comp = SemanticCompressor(16, k, head="lean")
+    F_s = torch.randn(4, 8, 8, 16)
+    assert comp.up(comp(F_s).permute(0, 3, 1, 2)).shape == (4, 16, 8, 8)
+    opt = torch.optim.Adam(comp.parameters(), lr=1e-2)
+    first = comp.pres_loss(F_s, comp(F_s)).item()
+    for _ in range(30):
+        opt.zero_grad()
+        comp.pres_loss(F_s, comp(F_s)).backward()
+        opt.step()
+    assert comp.pres_loss(F_s, comp(F_s)).item() < 0.8 * first
+    assert tiny_scar(pres_head="lean")(**batch())["pres"] > 0
+    with pytest.raises(ValueError, match="reconstruction head"):
+        SemanticCompressor(16, 2, head="big")
 
 
 def text_key_logits(model, text, mask):  # first block's attention logits (B, heads, prefix, text keys), pre-mask

@@ -372,3 +372,10 @@ def test_a_folder_with_long_instructions_gets_the_word_slots_it_needs(frozen, tm
     run = [a for a in args(frozen, tmp_path / "run", steps=1) if a != "--toy"] + ["--data", str(folder), "--batch-size", "1"]
     train.main(run)
     assert read_meta(tmp_path / "run" / "edit.safetensors")["backbone"]["text_len"] == 28
+
+
+def test_lean_reconstruction_head_trains_from_the_command_line(frozen, tmp_path):
+    train.main(args(frozen, tmp_path / "lean", "--pres-head", "lean", steps=2))
+    w = weights(tmp_path / "lean")
+    assert w["model.compressor.up.0.weight"].shape == (4 * 64, 64, 1, 1)  # 1x1 conv C -> 4C of the tiny DINOv2's C
+    assert read_meta(tmp_path / "lean" / "edit.safetensors")["scar"]["pres_head"] == "lean"
