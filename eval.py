@@ -535,6 +535,12 @@ def read_rgb(path: Path):  # (3, H, W) float in [0, 1], as the protocol's np.arr
         raise DataError(f"{path}: cannot read the image ({e})")
 
 
+def resized(img, H: int, W: int):  # (C, h, w) in [0, 1] -> (C, H, W), bicubic, kept in [0, 1]
+    if img.shape[1:] == (H, W):
+        return img
+    return F.interpolate(img[None], size=(H, W), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+
+
 def as_prediction(edited, side=PIE_SIDE):  # -> (3, side, side), and how it was made so
     """The protocol crops a wider image to its bottom-right square (its methods save [source | edit]); an image of
     another size is resized (bicubic) to the benchmark's, where the protocol would stop."""
@@ -543,8 +549,7 @@ def as_prediction(edited, side=PIE_SIDE):  # -> (3, side, side), and how it was 
         return edited, None
     if H >= side and W >= side and H != W:
         return edited[:, H - side:, W - side:], "cropped"
-    resized = F.interpolate(edited[None], size=(side, side), mode="bicubic", align_corners=False)[0]
-    return resized.clamp(0, 1), "resized"
+    return resized(edited, side, side), "resized"
 
 
 def pie_records(data: Path) -> dict:
@@ -699,8 +704,8 @@ def clip_similarity(clip, edited, edit, prompt: str) -> dict:  # edited (3, H, W
     return {"clip_whole": clip.score(pixels, prompt), "clip_edited": clip.score(pixels * edit, prompt)}
 
 
-def key_self_similarity(dino, img, with_keys=False):  # img (3, H, W) in [0, 1] -> (N, N), N = 1 + (224 / 8)^2
-    """The cosine self-similarity of the keys of DINO's last block over all tokens (the class token too), the
+def last_block_keys(dino, img):  # img (3, H, W) in [0, 1] -> (N, C), N = 1 + (224 / 8)^2
+    """The keys of DINO's last block over all tokens (the class token too), the heads side by side, the
     input prepared as the protocol does: pixels 0-255 (it never divides by 255) resized to 224 px by bilinear
     interpolation without antialiasing (torchvision 0.13's Resize on a tensor; PIE-Bench's images are square),
     then ImageNet's normalisation."""
@@ -710,10 +715,13 @@ def key_self_similarity(dino, img, with_keys=False):  # img (3, H, W) in [0, 1] 
     for block in dino.blocks[:-1]:
         tokens = block(tokens)
     last, C = dino.blocks[-1], dino.cfg.dim
-    keys = last.attn.qkv(last.norm1(tokens))[0, :, C:2 * C]  # (N, C): the heads' keys side by side
+    return last.attn.qkv(last.norm1(tokens))[0, :, C:2 * C]
+
+
+def key_self_similarity(dino, img):  # (N, N): the cosine similarity of every pair of last-block keys
+    keys = last_block_keys(dino, img)
     norms = keys.norm(dim=1, keepdim=True)
-    sim = keys @ keys.T / (norms @ norms.T).clamp(min=1e-8)
-    return (keys, sim) if with_keys else sim
+    return keys @ keys.T / (norms @ norms.T).clamp(min=1e-8)
 
 
 @torch.no_grad()
@@ -731,11 +739,8 @@ def edge_f1(pred, target) -> float:  # binary maps (H, W) x2
     return 1.0 if n_pred + n_target == 0 else 2 * hit / (n_pred + n_target)
 
 
-def gray_map(path: Path, size) -> torch.Tensor:  # a control map file -> (H, W) in [0, 1] at size (W, H)
-    rgb = read_rgb(path)
-    if tuple(rgb.shape[:0:-1]) != tuple(size):
-        rgb = F.interpolate(rgb[None], size=(size[1], size[0]), mode="bicubic", align_corners=False)[0].clamp(0, 1)
-    return rgb.mean(0)
+def gray_map(path: Path, H: int, W: int) -> torch.Tensor:  # a control map file -> (H, W) in [0, 1]
+    return resized(read_rgb(path), H, W).mean(0)
 
 
 def condition_consistency(kind: str, generated, control: torch.Tensor, pred_control: Path | None) -> dict:
@@ -748,7 +753,7 @@ def condition_consistency(kind: str, generated, control: torch.Tensor, pred_cont
                 "ssim": ssim(edges.expand(3, -1, -1)[None], control.expand(3, -1, -1)[None]).item()}
     if pred_control is None:
         return {}
-    made = gray_map(pred_control, (control.shape[1], control.shape[0]))
+    made = gray_map(pred_control, *control.shape)
     if kind == "softedge":
         return {"ssim": ssim(made.expand(3, -1, -1)[None], control.expand(3, -1, -1)[None]).item()}
     return {"rmse": (255 * (made - control)).pow(2).mean().sqrt().item()}
@@ -764,27 +769,25 @@ def control_bench(data: Path, pred: Path, kind: str, inception=None, dino=None, 
     missing = [r["image"] for n, r in records if found[n] is None]
     if missing:
         raise DataError(f"{len(missing)} of {len(records)} generated images are missing under {pred} (first: {', '.join(missing[:3])})")
-    feats = {"inception": ([], []), "dino": ([], [])}
+    embed = {"fid": inception, "fd_dinov2": None if dino is None else lambda x: dino(dino.preprocess(x * 2 - 1, 224))}
+    embed = {key: f for key, f in embed.items() if f is not None}  # (1, 3, H, W) in [0, 1] -> features
+    feats = {key: ([], []) for key in embed}  # real, generated
     rows = []
     for n, r in tqdm(records, desc="control", leave=False):
-        real, generated = read_rgb(data / r["image"]), read_rgb(found[n])
-        size = (real.shape[2], real.shape[1])
-        control = gray_map(data / r["control"], size) if r.get("control") else CONTROLS[kind](real * 2 - 1)
-        if generated.shape != real.shape:  # the condition is the real image's size
-            generated = F.interpolate(generated[None], size=real.shape[1:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        real = read_rgb(data / r["image"])
+        generated = resized(read_rgb(found[n]), *real.shape[1:])  # the condition is the real image's size
+        control = gray_map(data / r["control"], *real.shape[1:]) if r.get("control") else CONTROLS[kind](real * 2 - 1)
         made = edited_path(pred_controls, r["image"]) if pred_controls else None
         row = condition_consistency(kind, generated, control, made)
         if clip is not None and "caption" in r:
             row["clip_score"] = clip.score((generated * 255).round().to(torch.uint8), str(r["caption"]))
         rows.append(row)
-        for name, net in (("inception", inception), ("dino", dino)):
-            if net is not None:
-                for store, img in zip(feats[name], (real, generated)):
-                    store.append(net(img[None]) if name == "inception" else net(net.preprocess(img[None] * 2 - 1, 224)))
-    result = {"n": len(records), "control": kind}
-    for name, key in (("inception", "fid"), ("dino", "fd_dinov2")):
-        real, generated = feats[name]
-        result[key] = frechet_distance(torch.cat(real), torch.cat(generated)) if real else None
+        for key, f in embed.items():
+            for store, img in zip(feats[key], (real, generated)):
+                store.append(f(img[None]))
+    result = {"n": len(records), "control": kind, "fid": None, "fd_dinov2": None}
+    for key, (real, generated) in feats.items():
+        result[key] = frechet_distance(torch.cat(real), torch.cat(generated))
     for key in ("clip_score", "canny_f1", "ssim", "rmse"):
         values = [row[key] for row in rows if key in row]
         result[key] = statistics.fmean(values) if values else None

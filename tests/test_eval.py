@@ -138,7 +138,7 @@ def test_structure_distance_matches_the_protocol_with_official_dino_weights():
     ref = load_file(FIXTURES / "dino_v1" / "reference.safetensors")
     source, edited = (ref[k].float() / 255 for k in ("source", "edited"))
     assert dino.cfg.v1 and dino.cfg.patch_size == 8 and dino.cfg.pos_grid == 28
-    keys, _ = evaluation.key_self_similarity(dino, source, with_keys=True)
+    keys = evaluation.last_block_keys(dino, source)
     assert torch.allclose(keys, ref["source_keys"], atol=1e-4, rtol=1e-4)
     distance = evaluation.structure_distance(dino, source, edited)
     assert distance == pytest.approx(ref["structure_distance"].item(), rel=1e-4)
