@@ -350,14 +350,21 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (240, 210, 40), "purple": (140, 60, 180), "orange": (245, 130, 30)}
 BACKGROUNDS = {"white": (240, 240, 240), "gray": (140, 140, 140), "black": (30, 30, 30), "beige": (225, 205, 165)}
-SIZES = {"small": 0.07, "medium": 0.09, "large": 0.11}  # radius as a fraction of the image side
-# Shapes sit on a 3 x 3 grid of places at 1/4, 1/2 and 3/4 of the side: at 64 px these are corners of
-# the 8 x 8 token grid, so a shape never overlaps another and fills exactly 2 x 2 tokens, one quadrant
-# each. The same shape then gives the same tokens wherever it is, which lets a tokenizer and an editor
-# trained for minutes on a CPU be nearly exact.
+# Backgrounds a scene may have but no instruction names (not in the vocabulary): a user's paper is any colour.
+UNNAMED = {"pink": (240, 175, 195), "sky": (150, 200, 235), "mint": (175, 225, 190), "lavender": (200, 185, 230),
+           "navy": (30, 40, 95), "brown": (110, 70, 40), "olive": (125, 125, 55), "teal": (30, 120, 120)}
+PALETTE = {**COLORS, **BACKGROUNDS, **UNNAMED}
+RADII = (0.05, 0.18)  # a shape's radius, as a fraction of the image side
+REACH = {"circle": 1.0, "square": 1.21, "triangle": 1.29}  # farthest point of a shape from its centre, in radii
+GAP = 0.02  # shapes never overlap: their reaches stay this far apart
+GROW = 1.35  # "bigger" multiplies the radius by this, "smaller" divides it
+ADDED = 0.1  # the radius of an added shape
+SUPERSAMPLE = 4  # drawn at 4x and box-filtered: anti-aliased edges, as a paint program draws them
+# Named places are the nine regions of a 3 x 3 grid; a shape added or moved to one goes to its centre (moved
+# shapes as near as they fit), so every edit has one exact target.
 PLACES = {f"{v}{' ' if v and h else ''}{h}" or "center": (x, y)
-          for v, y in (("top", 1 / 4), ("", 1 / 2), ("bottom", 3 / 4))
-          for h, x in (("left", 1 / 4), ("", 1 / 2), ("right", 3 / 4))}
+          for v, y in (("top", 1 / 6), ("", 1 / 2), ("bottom", 5 / 6))
+          for h, x in (("left", 1 / 6), ("", 1 / 2), ("right", 5 / 6))}
 EDITS = ("recolor", "background", "remove", "add", "move", "reshape", "resize")
 
 PHRASES = {
@@ -384,34 +391,49 @@ HELD_OUT = {("recolor", "triangle", "green"), ("recolor", "circle", "orange"), (
 class Shape:
     kind: str
     color: str
-    size: str
-    place: str
+    x: float  # centre and radius, as fractions of the image side
+    y: float
+    r: float
 
 
 @dataclass(frozen=True)
 class Scene:
     background: str
-    shapes: tuple[Shape, ...]  # at distinct places
+    shapes: tuple[Shape, ...]  # never overlapping
 
 
-def shape_mask(shape: Shape, n: int) -> np.ndarray:  # (n, n) bool footprint of one shape
-    c = (np.arange(n) + 0.5) / n
-    cx, cy = PLACES[shape.place]
-    x, y = c[None, :] - cx, c[:, None] - cy
-    r = SIZES[shape.size]
+def coverage(shape: Shape, n: int) -> np.ndarray:
+    """(n, n) share of each pixel the shape covers, in [0, 1] (SUPERSAMPLE^2 samples per pixel)."""
+    c = (np.arange(n * SUPERSAMPLE) + 0.5) / (n * SUPERSAMPLE)
+    x, y, r = c[None, :] - shape.x, c[:, None] - shape.y, shape.r
     if shape.kind == "circle":
-        return x ** 2 + y ** 2 <= r ** 2
-    if shape.kind == "square":
-        return (np.abs(x) <= 0.85 * r) & (np.abs(y) <= 0.85 * r)
-    return (y <= 0.8 * r) & (np.abs(x) <= (y + r) / 1.8)  # triangle: apex at -r, base 2r wide at 0.8r
+        inside = x ** 2 + y ** 2 <= r ** 2
+    elif shape.kind == "square":
+        inside = (np.abs(x) <= 0.85 * r) & (np.abs(y) <= 0.85 * r)
+    else:  # triangle: apex at -r, base 2r wide at 0.8r
+        inside = (y <= 0.8 * r) & (np.abs(x) <= (y + r) / 1.8)
+    return inside.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE).mean((1, 3))
 
 
 def render(scene: Scene, n: int = 64) -> np.ndarray:
-    """The scene as (n, n, 3) uint8: a plain background and the shapes."""
-    img = np.broadcast_to(np.array(BACKGROUNDS[scene.background], dtype=np.uint8), (n, n, 3)).copy()
+    """The scene as (n, n, 3) uint8: a plain background and the shapes, anti-aliased."""
+    rgb = {name: np.array(c, dtype=np.float64) for name, c in PALETTE.items()}
+    img, bare = np.zeros((n, n, 3)), np.ones((n, n, 1))
     for shape in scene.shapes:
-        img[shape_mask(shape, n)] = COLORS[shape.color]
-    return img
+        cover = coverage(shape, n)[..., None]
+        img, bare = img + cover * rgb[shape.color], bare - cover
+    return (img + bare * rgb[scene.background]).round().clip(0, 255).astype(np.uint8)
+
+
+def fits(shape: Shape, others) -> bool:
+    """Inside the image and clear of every other shape."""
+    inside = shape.r <= shape.x <= 1 - shape.r and shape.r <= shape.y <= 1 - shape.r
+    return inside and all(math.hypot(shape.x - o.x, shape.y - o.y) >= REACH[shape.kind] * shape.r + REACH[o.kind] * o.r + GAP
+                          for o in others)
+
+
+def place_of(shape: Shape) -> str:  # the named region the shape's centre is in
+    return next(name for name, (x, y) in PLACES.items() if abs(shape.x - x) <= 1 / 6 and abs(shape.y - y) <= 1 / 6)
 
 
 def reference(scene: Scene, shape: Shape, rng) -> str:
@@ -420,18 +442,22 @@ def reference(scene: Scene, shape: Shape, rng) -> str:
     return f"{shape.color} {shape.kind}" if len(same_kind) > 1 or rng.random() < 0.5 else shape.kind
 
 
-def free_places(scene: Scene) -> list[str]:
-    taken = {s.place for s in scene.shapes}
-    return [p for p in PLACES if p not in taken]
-
-
-def random_scene(rng) -> Scene:
-    shapes = []
-    for place in rng.choice(list(PLACES), size=int(rng.integers(1, 4)), replace=False):
-        shape = Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES))), str(place))
-        if not any((s.kind, s.color) == (shape.kind, shape.color) for s in shapes):  # objects stay nameable
+def random_scene(rng, named: bool = False) -> Scene:
+    """1-3 shapes anywhere, of any radius in RADII; the background one of the named ones, or (unless `named`)
+    as often an unnamed one."""
+    backgrounds = list(BACKGROUNDS) if named or rng.random() < 0.5 else list(UNNAMED)
+    background = str(rng.choice(backgrounds))
+    shapes, wanted = [], int(rng.integers(1, 4))
+    for _ in range(20 * wanted):  # tries: a large shape may leave no room for the next
+        if len(shapes) == wanted:
+            break
+        kind, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+        r = float(rng.uniform(*RADII))
+        x, y = (float(v) for v in rng.uniform(r, 1 - r, 2))
+        shape = Shape(kind, color, x, y, r)
+        if fits(shape, shapes) and not any((s.kind, s.color) == (kind, color) for s in shapes):  # objects stay nameable
             shapes.append(shape)
-    return Scene(str(rng.choice(list(BACKGROUNDS))), tuple(shapes))
+    return Scene(background, tuple(shapes))
 
 
 @dataclass(frozen=True)
@@ -455,57 +481,51 @@ def random_edit(scene: Scene, rng) -> Edit | None:
     kind = str(rng.choice(EDITS))
     shapes = list(scene.shapes)
     i = int(rng.integers(len(shapes)))
-    old = shapes[i]
+    old, others = shapes[i], shapes[:i] + shapes[i + 1:]
     ref = reference(scene, old, rng)
     template = str(rng.choice(PHRASES[kind]))
     if kind == "background":
         color = str(rng.choice([c for c in BACKGROUNDS if c != scene.background]))
         return Edit(kind, scene, replace(scene, background=color), template.format(color=color), ())
     if kind == "add":
-        if len(shapes) == 3:
+        place = str(rng.choice(list(PLACES)))
+        new = Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), *PLACES[place], ADDED)
+        if len(shapes) == 3 or not fits(new, shapes) or any((s.kind, s.color) == (new.kind, new.color) for s in shapes):
             return None
-        new = Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), "medium", str(rng.choice(free_places(scene))))
-        if any((s.kind, s.color) == (new.kind, new.color) for s in shapes):
-            return None
-        text = template.format(color=new.color, shape=new.kind, place=new.place)
+        text = template.format(color=new.color, shape=new.kind, place=place)
         return Edit(kind, scene, replace(scene, shapes=(*shapes, new)), text, (new,))
     if kind == "remove":
-        if len(shapes) == 1:
+        if not others:
             return None
-        return Edit(kind, scene, replace(scene, shapes=tuple(shapes[:i] + shapes[i + 1:])), template.format(ref=ref), (old,))
+        return Edit(kind, scene, replace(scene, shapes=tuple(others)), template.format(ref=ref), (old,))
     if kind == "recolor":
         new = replace(old, color=str(rng.choice([c for c in COLORS if c != old.color])))
         text = template.format(ref=ref, color=new.color)
     elif kind == "move":
-        new = replace(old, place=str(rng.choice(free_places(scene))))
-        text = template.format(ref=ref, place=new.place)
+        place = str(rng.choice([p for p in PLACES if p != place_of(old)]))
+        x, y = (min(max(v, old.r), 1 - old.r) for v in PLACES[place])
+        new = replace(old, x=x, y=y)
+        text = template.format(ref=ref, place=place)
     elif kind == "reshape":
         new = replace(old, kind=str(rng.choice([k for k in SHAPES if k != old.kind])))
         text = template.format(ref=ref, shape=new.kind, color=new.color)
     else:  # resize
-        order = list(SIZES)
-        step = int(rng.choice([-1, 1]))
-        if not 0 <= order.index(old.size) + step < len(order):
-            step = -step
-        new = replace(old, size=order[order.index(old.size) + step])
-        text = template.format(ref=ref, bigger="bigger" if step > 0 else "smaller", grow="enlarge" if step > 0 else "shrink")
-    if any((s.kind, s.color) == (new.kind, new.color) for j, s in enumerate(shapes) if j != i):
+        grow = bool(rng.random() < 0.5)
+        if not RADII[0] <= old.r * GROW ** (1 if grow else -1) <= RADII[1]:
+            grow = not grow
+        new = replace(old, r=old.r * GROW ** (1 if grow else -1))
+        text = template.format(ref=ref, bigger="bigger" if grow else "smaller", grow="enlarge" if grow else "shrink")
+    if not fits(new, others) or any((s.kind, s.color) == (new.kind, new.color) for s in others):
         return None
     shapes[i] = new
     return Edit(kind, scene, replace(scene, shapes=tuple(shapes)), text, (old, new))
 
 
 def edit_mask(edit: Edit, n: int) -> np.ndarray:
-    """(n, n) bool: where the edit may change pixels (the touched footprints, or the background)."""
+    """(n, n) bool: where the edit may change pixels (what the touched shapes cover, or where background shows)."""
     if edit.kind == "background":
-        covered = np.zeros((n, n), dtype=bool)
-        for s in edit.before.shapes:
-            covered |= shape_mask(s, n)
-        return ~covered
-    mask = np.zeros((n, n), dtype=bool)
-    for s in edit.changed:
-        mask |= shape_mask(s, n)
-    return mask
+        return sum((coverage(s, n) for s in edit.before.shapes), np.zeros((n, n))) < 1
+    return sum((coverage(s, n) for s in edit.changed), np.zeros((n, n))) > 0
 
 
 SPLITS = {"train": 0, "heldout": 1}
@@ -548,7 +568,7 @@ def toy_texts() -> list[str]:
     fill = dict(color=" ".join([*COLORS, *BACKGROUNDS]), ref=" ".join(SHAPES), shape="", place=" ".join(PLACES),
                 bigger="bigger smaller", grow="enlarge shrink")
     texts = [template.format(**fill) for templates in PHRASES.values() for template in templates]
-    shapes = tuple(Shape(kind, "red", "small", place) for kind, place in zip(SHAPES, PLACES))
+    shapes = tuple(Shape(kind, "red", 0.5, 0.5, 0.1) for kind in SHAPES)
     return [*texts, caption(Scene("white", shapes)), PLEASE]
 
 
@@ -595,7 +615,7 @@ class ToyControl(torch.utils.data.Dataset):
         return toy_texts()
 
     def __getitem__(self, i):
-        scene = random_scene(np.random.default_rng([self.seed, 2 + SPLITS[self.split], i]))
+        scene = random_scene(np.random.default_rng([self.seed, 2 + SPLITS[self.split], i]), named=True)  # captions name it
         target = to_tensor(Image.fromarray(render(scene, self.size)))
         return {"source": control_map(target, self.control), "target": target, "text": caption(scene),
                 "mask": torch.ones(1, self.size, self.size)}

@@ -315,7 +315,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Edit an image (or generate one from a control map) with a SCAR model: source image -> DINOv2 "
                     "-> compressor -> prefill -> decode -> VQ decode, with classifier-free guidance.",
-        epilog='examples:\n  python sample.py --image examples/heldout_1_remove.png --prompt "delete the blue circle"\n'
+        epilog='examples:\n  python sample.py --image examples/heldout_9_remove.png --prompt "remove the blue circle"\n'
                '  python sample.py --image edges.png --control map --prompt "a cat on a sofa" --ckpt runs/canny/control.safetensors\n'
                '  python sample.py --image photo.jpg --prompt "make the sky pink" --ckpt runs/xl/edit.safetensors --t5 flan-t5-xl',
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,7 @@
 
 One process or torchrun (DDP; NCCL on CUDA, gloo on CPU). Without --data the run trains on the toy
 world (--toy), with the shipped toy encoder and tokenizer unless --dino / --vq say otherwise, and SCAR
-takes the toy recipe's hyperparameters (TOY_RECIPES) for every flag not given. With --data a backbone
+takes the toy recipe's hyperparameters (TOY_RECIPE) for every flag not given. With --data a backbone
 must be named (--model or --init), and images are the paper's sizes unless --image-size says otherwise.
 
 The frozen DINOv2, tokenizer and T5 run once per step under no_grad and outside autocast, in float32,
@@ -42,13 +42,13 @@ from data import T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyCo
 from encoder import DINOv2, DINOv2Config, load_dinov2, load_t5
 from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_words, gpt_config,
                    load_llamagen, load_var, var_config, vocabulary, words_of)
-from vq import MSVQ_SIZES, VQ_SIZES, MultiScaleVQVAE, VQModel, load_msvq, load_vq, prefix_codes
+from vq import MSVQ_SIZES, MultiScaleVQVAE, PatchVQ, PatchVQConfig, load_msvq, load_vq, prefix_codes
 
 TOY_SAMPLES = 1_000_000  # the toy world is generated on the fly: an "epoch" is this many indices
 TOY_DINO = DINOv2Config(dim=128, depth=4, heads=2, ffn_hidden=512, patch_size=8, pos_grid=8)
 EDITAR_DISTILL = 0.5  # lambda of L_distill (EditAR section 4.1)
 TEXT_LEN = {"edit": 16, "control": 24}  # word slots of instructions and captions (the toy's longest: 10, 14)
-SEED_IMAGES = 4096  # --vq-warmup: images whose patches seed the codebook (the toy: all 868 distinct patches)
+SEED_IMAGES = 8192  # images whose patches seed PatchVQ's centroids (the toy world: ~67 000 distinct patches)
 SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "toy"  # the toy encoder and tokenizer (docs/toy.md)
 TOY_SIZE = 64
 PAPER_SIZES = {"next-token": (512, 448), "next-scale": (256, 224)}  # image and DINOv2 input sides (DESIGN.md 1)
@@ -56,12 +56,13 @@ MAX_SEED = 2 ** 32 - 1
 
 # Hyperparameters of flags the user did not give: the papers' fine-tuning, and for SCAR on the toy world the
 # recipe the shipped toy models were trained with (docs/toy.md: the toy stack on a CPU).
-DEFAULTS = dict(steps=1000, lr=1e-4, warmup=0, schedule="constant", dropout=0.1, weight_decay=0.05, log_every=10,
+DEFAULTS = dict(steps=1000, lr=1e-4, warmup=0, schedule="constant", dropout=0.1, weight_decay=0.05, k=2, log_every=10,
                 save_every=500, export_dtype="fp32")
-TOY_RECIPES = {"next-token": dict(DEFAULTS, steps=8000, lr=1e-3, warmup=50, schedule="cosine", dropout=0.0,
-                                  weight_decay=0.5, log_every=50, save_every=1000, export_dtype="fp16"),
-               "next-scale": dict(DEFAULTS, steps=800, lr=1e-3, warmup=50, schedule="cosine", log_every=50,
-                                  save_every=400, export_dtype="fp16")}
+# k = 1 on the toy: its 8 x 8 feature grid already matches the 8 x 8 token grid, and its targets are exact, so a
+# prefix cell must say its patch to the pixel; at k = 2 one cell spans 16 x 16 px of several shapes and the
+# editor redraws untouched shapes elsewhere (docs/toy.md). The paper's 4x compression is an ablation row here.
+TOY_RECIPE = dict(DEFAULTS, steps=4000, lr=1e-3, warmup=50, schedule="cosine", dropout=0.0, weight_decay=0.5, k=1,
+                  log_every=50, save_every=500, export_dtype="fp16")
 
 # What --resume compares with the checkpoint's run: these may change freely; any other difference is refused
 # unless --allow-changes is given (a changed architecture cannot load at all).
@@ -89,13 +90,13 @@ def parse_args(argv=None):
     source.add_argument("--toy", action="store_true", help="train on the procedurally generated toy world (the default)")
     source.add_argument("--data", type=Path, help="a folder with manifest.jsonl (README: Data)")
     p.add_argument("--steps", type=int, help="optimiser steps in total, also when resuming (default 1000; toy SCAR: "
-                   "the toy recipe's, 8000 next-token / 800 next-scale)")
+                   "the toy recipe's 4000, both backbones)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size per optimiser step")
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="per-process batch of one forward pass (default: batch / processes); the rest is accumulated")
     p.add_argument("--lr", type=float, help="AdamW learning rate, betas 0.9/0.95 (default 1e-4; toy SCAR 1e-3)")
     p.add_argument("--weight-decay", type=float,
-                   help="AdamW weight decay of the weight matrices (default 0.05 as the papers; toy next-token SCAR 0.5)")
+                   help="AdamW weight decay of the weight matrices (default 0.05 as the papers; toy SCAR 0.5)")
     p.add_argument("--warmup", type=int, help="steps of linear learning-rate warmup (default 0; toy SCAR 50)")
     p.add_argument("--schedule", choices=["constant", "cosine"],
                    help="after warmup: constant (default: the papers' fine-tuning) or cosine decay to 0 at --steps (toy SCAR)")
@@ -122,7 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float,
                    help="next-token backbone: dropout on its input tokens and on each block's attention and feed-forward "
                    "outputs while training (default 0.1 as LlamaGen's training scripts; toy SCAR 0)")
-    p.add_argument("--k", type=int, default=2, choices=[1, 2, 4], help="compression per side (k^2 fewer prefix tokens)")
+    p.add_argument("--k", type=int, choices=[1, 2, 4],
+                   help="compression per side, k^2 fewer prefix tokens (default 2 as the paper; toy SCAR 1)")
     p.add_argument("--compressor", default="conv+resize", choices=["conv+resize", "resize", "unshuffle"])
     p.add_argument("--delta", type=float, default=0.5, help="weight of L_align")
     p.add_argument("--pres-head", choices=["released", "lean"], default="released", help="U_k, the reconstruction head of "
@@ -150,19 +152,17 @@ def parse_args(argv=None):
     p.add_argument("--control", default="canny", choices=["canny", "softedge", "depth"], help="control map kind")
     p.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable images (counted in the log)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0 keeps resumption bit-exact)")
-    p.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 500; toy SCAR 1000 / 400)")
+    p.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 500)")
     p.add_argument("--log-every", type=int, help="log interval in steps (default 10; toy SCAR 50)")
     p.add_argument("--export-dtype", choices=list(EXPORT_DTYPES),
                    help="dtype of the weights in OUT/<task>.safetensors (default fp32; toy SCAR fp16, as shipped)")
-    p.add_argument("--vq-warmup", type=int, default=0, help="--task vq --arch next-token: train as a plain autoencoder "
-                   "for this many steps, then seed the codebook with one code per distinct image patch (the toy recipe; docs/toy.md)")
     p.add_argument("--dist-timeout", type=float, default=600, help="seconds a process waits for the others at a "
                    "collective before the job ends, naming the ranks that did not arrive (torchrun)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
     args = p.parse_args(argv)
     args.toy = args.data is None
     scar = args.task in ("edit", "control")
-    recipe = TOY_RECIPES[args.arch] if args.toy and scar else DEFAULTS
+    recipe = TOY_RECIPE if args.toy and scar else DEFAULTS
     for name, value in recipe.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -203,7 +203,7 @@ def check_args(p, args):
     at_least = {"--steps": (args.steps, 1), "--batch-size": (args.batch_size, 1), "--save-every": (args.save_every, 1),
                 "--log-every": (args.log_every, 1), "--image-size": (args.image_size, 1), "--workers": (args.workers, 0),
                 "--micro-batch-size": (args.micro_batch_size, 0), "--warmup": (args.warmup, 0),
-                "--vq-warmup": (args.vq_warmup, 0), "--dino-size": (args.dino_size, 0), "--seed": (args.seed, 0)}
+                "--dino-size": (args.dino_size, 0), "--seed": (args.seed, 0)}
     for flag, (value, low) in at_least.items():
         if value < low:
             p.error(f"{flag} must be at least {low}, got {value}")
@@ -225,8 +225,6 @@ def check_args(p, args):
         p.error("--checkpointing is for SCAR (--task edit or control)")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.vq_warmup and (args.task != "vq" or args.arch != "next-token"):
-        p.error("--vq-warmup is for --task vq --arch next-token")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
         p.error(f"--text t5 needs --t5 FOLDER, or features in DATA/{T5_DIR}/ (python data.py t5-features)")
     if args.out.exists() and not args.out.is_dir():
@@ -374,8 +372,11 @@ class SCARTask:
             return backbone
         if a.model not in GPT_SIZES:
             raise UsageError(f"unknown next-token size {a.model!r}; choose from {', '.join(GPT_SIZES)}")
-        return NextTokenTransformer(gpt_config(a.model, **self.text_config(data), vocab_size=self.vq.cfg.codebook_size,
-                                               dropout=a.dropout, text_rope=a.text_rope))
+        backbone = NextTokenTransformer(gpt_config(a.model, **self.text_config(data), vocab_size=self.vq.cfg.codebook_size,
+                                                   dropout=a.dropout, text_rope=a.text_rope))
+        if isinstance(self.vq, PatchVQ):
+            codebook_init(backbone, self.vq.centroids)
+        return backbone
 
     def text_config(self, data) -> dict:
         """How a new backbone reads T_t: T5 features, or the words of the training texts (fixed here, stored
@@ -450,24 +451,42 @@ class VQTask:
             self.model = MultiScaleVQVAE(MSVQ_SIZES["toy"]).to(device)
             self.meta = {"kind": "msvq", "config": asdict(self.model.cfg), "patch_nums": list(self.model.cfg.patch_nums)}
         else:
-            self.model = VQModel(VQ_SIZES["toy"]).to(device)
+            self.model = PatchVQ(PatchVQConfig()).to(device)
             self.meta = {"kind": "vq", "config": asdict(self.model.cfg)}
+            if not args.resume:  # a resumed run reads its centroids from the checkpoint
+                self.seed(data)
         self.device, self.tokens = device, 0
 
     def inputs(self, batch):
         return torch.cat([batch["source"], batch["target"]]).to(self.device)
 
     def losses(self, model, images, step):
-        out = model(images, quantize=step >= self.args.vq_warmup) if self.args.vq_warmup else model(images)
-        return {k: v for k, v in out.items() if k not in ("recon", "codes")}
+        return {k: v for k, v in model(images).items() if k not in ("recon", "codes")}
 
-    def seed_codebook(self, data):
-        """At the end of the --vq-warmup: codes from the latents of the first SEED_IMAGES images of the data."""
+    def seed(self, data):
+        """PatchVQ's centroids from the patches of the first SEED_IMAGES images of the data."""
         items = [data[i] for i in range(min(len(data), SEED_IMAGES // 2))]
-        self.model.seed_codebook(torch.cat([collate(items)[k] for k in ("source", "target")]))
+        self.model.seed(torch.cat([collate(items)[k] for k in ("source", "target")]))
 
     def export(self, model):
         return dict(model.state_dict()), self.meta
+
+
+@torch.no_grad()
+def codebook_init(backbone, centroids):
+    """A new toy backbone's token embedding and output head start as the PatchVQ centroids (V, 3 p^2) projected
+    on their top principal directions, at the embedding's initial scale: codes of alike patches start alike.
+
+    Why: the paper fine-tunes a pretrained LlamaGen, whose embedding and head already know which codes look
+    alike; the toy backbone is new, and a head that starts at zero must learn each of the 16 384 rows from the
+    few times its code is a target (docs/toy.md measures both starts)."""
+    D = backbone.cfg.dim
+    c = centroids.double() - centroids.double().mean(0)
+    directions = torch.linalg.svd(c, full_matrices=False).Vh[:D]  # (D', 3 p^2), D' = min(D, 3 p^2)
+    rows = F.pad(c @ directions.T, (0, D - len(directions)))  # (V, D)
+    rows *= 0.02 * D ** 0.5 / rows.norm(dim=1).mean()  # the mean row norm of std-0.02 rows
+    backbone.tok_embeddings.weight.copy_(rows)
+    backbone.output.weight.copy_(rows)
 
 
 class MaskedPatchPretraining(nn.Module):
@@ -753,8 +772,6 @@ def train(args, run: Dist):
     pending = None  # (step, data position, RNG) of a checkpoint to write once its weights gave a finite step
     try:  # the bar ends its line before any error is printed
         while step < args.steps:
-            if args.vq_warmup and step == args.vq_warmup:
-                task.seed_codebook(data)
             t0 = time.perf_counter()
             totals, tokens, position = accumulate(task, fwd, stream, accum, step, run, bf16)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -8,8 +8,10 @@ Two tokenizers share one convolutional encoder/decoder (the taming / LDM design)
 
 Module names follow LlamaGen, so its checkpoints load as they are; VAR checkpoints are renamed on
 load. Both come with what a small tokenizer needs to train: straight-through estimator, codebook
-and commitment losses, reconstruction loss and codebook usage; the single-scale one also a
-codebook seeded from the latents of a warmed-up autoencoder (`seed_codebook`).
+and commitment losses, reconstruction loss and codebook usage.
+
+The toy's next-token tokenizer is `PatchVQ`: pixel centroids (a weighted k-means of the training
+patches) for codes, and LlamaGen's decoder drawing the image from them in context.
 """
 import re
 from dataclasses import dataclass
@@ -32,7 +34,6 @@ class VQConfig:
     codebook_dim: int = 8
     num_res_blocks: int = 2  # the decoder uses one more per level, as LlamaGen and VAR do
     norm_groups: int = 32  # GroupNorm groups, 32 in LlamaGen and VAR; 0 = no normalisation (the toy)
-    local_encoder: bool = False  # encode each token's patch on its own (the toy; see VQModel.latent)
     beta: float = 0.25  # commitment weight
     entropy_weight: float = 0.0  # codebook entropy loss (LlamaGen's entropy_loss_ratio): fights code collapse
 
@@ -40,8 +41,6 @@ class VQConfig:
 VQ_SIZES = {
     "VQ-16": VQConfig(),
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
-    "toy": VQConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024, codebook_dim=8, num_res_blocks=1,
-                    norm_groups=0, local_encoder=True),  # trained with train.py --vq-warmup, no entropy loss
 }
 
 
@@ -253,17 +252,7 @@ class VQModel(nn.Module):
         return F.normalize(self.quantize.embedding.weight, dim=-1)
 
     def latent(self, img):  # (B, 3, H, W) -> continuous z (B, C, H/d, W/d), before the unit length
-        """With local_encoder each token's patch goes through the encoder alone (a batch of d x d images
-        for downsampling d), so a token's code depends on its own pixels only. The official encoder sees
-        the whole image (its attention is global): the code of an unchanged background patch then
-        changes with an edit elsewhere, and an editor has to predict that change."""
-        if not self.cfg.local_encoder:
-            return self.quant_conv(self.encoder(img))
-        B, _, H, W = img.shape
-        d = self.downsample
-        patches = img.unfold(2, d, d).unfold(3, d, d).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, d, d)  # (B h w, 3, d, d)
-        z = self.quant_conv(self.encoder(patches))  # (B h w, C, 1, 1)
-        return z.view(B, H // d, W // d, -1).permute(0, 3, 1, 2)
+        return self.quant_conv(self.encoder(img))
 
     def quantize_latent(self, z):
         """(B, C, h, w) continuous -> codes (B, h, w) (the closest code, first on ties), unit-length z
@@ -288,60 +277,133 @@ class VQModel(nn.Module):
             raise ValueError(f"codes must be (B, h, w), got {tuple(codes.shape)}")
         return self.decoder(self.post_quant_conv(self.embed(codes)))
 
-    def forward(self, img, quantize: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, img) -> dict[str, torch.Tensor]:
         """Training step: reconstruction through the straight-through estimator, and the losses.
 
         codebook = |sg(z) - z_q|^2 moves the codes, commit = beta |z - sg(z_q)|^2 holds the encoder
         near them, rec = |img - recon|^2, and with entropy_weight the entropy loss; "loss" is their sum.
-        quantize=False is the toy's warm-up (see `seed_codebook`): the decoder reads the continuous z and
-        nothing pulls the encoder towards the codes; the codebook loss still runs, so every parameter
-        gets a gradient in both phases (DDP requires it).
         """
         codes, z, d = self.quantize_latent(self.latent(img))
         z_q = self.embed(codes)
-        recon = self.decoder(self.post_quant_conv(z + (z_q - z).detach() if quantize else z))
-        losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(z_q, z.detach())}
-        if quantize:
-            losses["commit"] = self.cfg.beta * F.mse_loss(z, z_q.detach())
+        recon = self.decoder(self.post_quant_conv(z + (z_q - z).detach()))
+        losses = {"rec": F.mse_loss(recon, img), "codebook": F.mse_loss(z_q, z.detach()),
+                  "commit": self.cfg.beta * F.mse_loss(z, z_q.detach())}
         if self.cfg.entropy_weight:
             losses["entropy"] = self.cfg.entropy_weight * entropy_loss(d)
         return {"recon": recon, "codes": codes, "loss": sum(losses.values()), **losses,
                 **codebook_usage(codes, self.cfg.codebook_size)}
 
-    @torch.no_grad()
-    def seed_codebook(self, img):
-        """Set the codes from the latents of `img` (B, 3, H, W) in [-1, 1]: one code per distinct image patch.
 
-        The toy's recipe instead of LlamaGen's entropy loss: train as a plain autoencoder first, then seed
-        the codebook with the mean latent of each distinct patch of pixels, so that every distinct patch
-        gets a code, however rare (in the toy world 88 % of the tokens are flat background; the entropy
-        loss instead spread each background colour over hundreds of codes, which SCAR then had to guess
-        between). With more distinct patches than codes (natural images) farthest-point sampling picks
-        among them; with fewer, the spare rows repeat the first codes and are never picked (the
-        nearest-code search keeps the first of equal rows).
-        """
-        if len(img) == 0:
-            raise ValueError("seeding the codebook needs at least one image")
-        device, d = self.quantize.embedding.weight.device, self.downsample
-        z = torch.cat([F.normalize(self.latent(chunk.to(device)), dim=1) for chunk in img.split(32)])
-        z = z.permute(0, 2, 3, 1).flatten(0, 2)  # (N, C), one latent per token
-        pixels = ((img + 1) * 127.5).round().to(torch.uint8)
-        patches = pixels.unfold(2, d, d).unfold(3, d, d).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(0, 2)  # (N, 3 d d)
-        _, group = torch.unique(patches, dim=0, return_inverse=True)
-        group = group.to(device)
-        means = F.normalize(torch.zeros(int(group.max()) + 1, z.shape[1], device=device).index_add_(0, group, z), dim=1)
-        V = self.cfg.codebook_size
-        rows = means[farthest_points(means, V)] if len(means) > V else means[torch.arange(V, device=device) % len(means)]
-        self.quantize.embedding.weight.copy_(rows)
+def nearest(x, centres):  # (N, C), (K, C) -> (N,) index of each row's nearest centre
+    return torch.cat([torch.cdist(chunk, centres).argmin(1) for chunk in x.split(4096)])
+
+
+def kmeans(x, weights, k: int, iters: int = 10):  # (N, C), (N,) -> (k, C) centres
+    """Lloyd's iterations from a farthest-point start (so rare rows, a triangle's corner, start with centres
+    too), row i counting weights[i] times: the centres that minimise the average error over every
+    occurrence. A centre left without rows stays where it is."""
+    centres = x[farthest_points(x, k)]
+    for _ in range(iters):
+        cluster = nearest(x, centres)
+        mass = torch.zeros(k).index_add_(0, cluster, weights)[:, None]
+        sums = torch.zeros_like(centres).index_add_(0, cluster, x * weights[:, None])
+        centres = torch.where(mass > 0, sums / mass.clamp(min=1e-12), centres)
+    return centres
 
 
 def farthest_points(x, n: int):  # (N, C) -> (n,) indices
     """Greedy farthest-point sampling: start at row 0, then always take the row farthest from all taken."""
+    sq = x.pow(2).sum(1)  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: a matrix-vector product per pick, no (N, C) temporary
     picked, dist = [0], (x - x[0]).pow(2).sum(1)
     for _ in range(n - 1):
         picked.append(int(dist.argmax()))
-        dist = torch.minimum(dist, (x - x[picked[-1]]).pow(2).sum(1))
+        dist = torch.minimum(dist, sq - 2 * (x @ x[picked[-1]]) + sq[picked[-1]])
     return torch.tensor(picked, device=x.device)
+
+
+@dataclass
+class PatchVQConfig:
+    """The toy's next-token tokenizer (PatchVQ); the defaults are the toy's."""
+    patch: int = 8  # pixels per token side: 64 px -> 8 x 8 codes
+    codebook_size: int = 16384  # as LlamaGen's VQ-16; 4096 pixel centroids leave shapes notched (docs/toy.md)
+    ch: int = 32  # the decoder, as VQConfig's (no normalisation)
+    ch_mult: tuple = (1, 1, 2, 2)  # len - 1 = log2(patch) upsamplings
+    num_res_blocks: int = 1
+
+
+class PatchVQ(nn.Module):
+    """The toy's next-token tokenizer: a token's code is the pixel centroid nearest to its patch, and the
+    image is the mosaic of the codes' centroids plus a correction that a convolutional decoder draws from
+    the centroids in context (LlamaGen's decoder, reading 3 p^2 channels; its last conv starts at zero, so
+    training starts from the mosaic).
+
+    Why not LlamaGen's learned encoder: in the toy world of anti-aliased shapes anywhere (23 000 distinct
+    8 x 8 patches in 2048 scenes) the encoder trained for minutes on a CPU grouped patches badly (a green
+    triangle's edge shared a code with a purple disc's; 27.6 dB, edge sharpness 0.41 held out), while the
+    centroids alone, a k-means of the patches' pixels weighted by occurrence, give 31.0 dB and 0.77 (see
+    docs/toy.md). Identical patches get identical codes wherever they are, so an edit leaves the codes of
+    everything it does not touch unchanged. Only the decoder trains; `seed` sets the centroids first.
+    """
+
+    def __init__(self, cfg: PatchVQConfig):
+        super().__init__()
+        if 2 ** (len(cfg.ch_mult) - 1) != cfg.patch:
+            raise ValueError(f"ch_mult {cfg.ch_mult} upsamples {2 ** (len(cfg.ch_mult) - 1)}x, not the patch {cfg.patch}")
+        self.cfg = cfg
+        self.register_buffer("centroids", torch.zeros(cfg.codebook_size, 3 * cfg.patch ** 2))  # (V, 3 p p) in [-1, 1]
+        self.decoder = ConvDecoder(cfg.ch, cfg.ch_mult, 3 * cfg.patch ** 2, cfg.num_res_blocks, 0)
+        nn.init.zeros_(self.decoder.conv_out.weight)
+        nn.init.zeros_(self.decoder.conv_out.bias)
+
+    @property
+    def downsample(self) -> int:
+        return self.cfg.patch
+
+    def patches(self, img):  # (B, 3, H, W) -> (B, h, w, 3 p p)
+        p = self.cfg.patch
+        return img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(3)
+
+    @torch.no_grad()
+    def encode(self, img):  # (B, 3, H, W) in [-1, 1] -> codes (B, H/p, W/p) int64
+        check_images(img, self.downsample)
+        x = self.patches(img)
+        return nearest(x.flatten(0, 2), self.centroids).view(x.shape[:3])
+
+    def draw(self, codes):  # (B, h, w) -> (B, 3, H, W): the mosaic plus the decoder's correction
+        B, h, w = codes.shape
+        p = self.cfg.patch
+        c = self.centroids[codes]  # (B, h, w, 3 p p)
+        mosaic = c.view(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, h * p, w * p)
+        return mosaic + self.decoder(c.permute(0, 3, 1, 2))
+
+    @torch.no_grad()
+    def decode(self, codes):  # (B, h, w) -> raw output (B, 3, H, W), not clamped (as LlamaGen)
+        check_codes(codes, self.cfg.codebook_size)
+        if codes.ndim != 3:
+            raise ValueError(f"codes must be (B, h, w), got {tuple(codes.shape)}")
+        return self.draw(codes)
+
+    def forward(self, img) -> dict[str, torch.Tensor]:
+        """Training step: the decoder's reconstruction of the encoded image; "loss" is the MSE."""
+        codes = self.encode(img)
+        recon = self.draw(codes)
+        rec = F.mse_loss(recon, img)
+        return {"recon": recon, "codes": codes, "loss": rec, "rec": rec, **codebook_usage(codes, self.cfg.codebook_size)}
+
+    @torch.no_grad()
+    def seed(self, img):
+        """Set the centroids from `img` (B, 3, H, W) in [-1, 1]: each distinct patch its own centroid if
+        there are no more of them than codes (spare rows repeat the first ones and are never picked: the
+        nearest search keeps the first of equal rows), else the means of a k-means of the distinct
+        patches, each weighted by how often it occurs (the average token error, what PSNR measures): a flat
+        background, the most frequent patch, gets a centroid that is nearly its own."""
+        if len(img) == 0:
+            raise ValueError("seeding the codebook needs at least one image")
+        pixels = ((self.patches(img).flatten(0, 2) + 1) * 127.5).round()  # (N, 3 p p) on the 0-255 grid
+        distinct, counts = torch.unique(pixels, dim=0, return_counts=True)
+        V = self.cfg.codebook_size
+        rows = kmeans(distinct, counts.float(), V) if len(distinct) > V else distinct[torch.arange(V) % len(distinct)]
+        self.centroids.copy_(rows.to(self.centroids) / 127.5 - 1)
 
 
 class Phi(nn.Conv2d):
@@ -530,24 +592,27 @@ def _build(cls, cfg, sd: dict, source, what: str):
 
 def recorded_config(path) -> dict:
     """The config our exports record in their metadata, for what the shapes do not show (GroupNorm groups,
-    the toy's local encoder); {} for official files, which have the official values."""
+    the toy's PatchVQ); {} for official files, which have the official values."""
     own = str(path).endswith(".safetensors") and Path(path).is_file()
     return read_meta(path).get("config", {}) if own else {}
 
 
-def load_vq(path) -> VQModel:
-    """LlamaGen VQ from `vq_ds16_c2i.pt` / `vq_ds16_t2i.pt` style files; the architecture comes from the shapes."""
+def load_vq(path) -> VQModel | PatchVQ:
+    """LlamaGen VQ from `vq_ds16_c2i.pt` / `vq_ds16_t2i.pt` style files (the architecture comes from the
+    shapes), or the toy's PatchVQ from its export."""
     cfg = recorded_config(path)
-    return vq_from_state_dict(read_checkpoint(path)[0], source=path, norm_groups=cfg.get("norm_groups", 32),
-                              local_encoder=cfg.get("local_encoder", False))
+    if cfg.get("patch"):
+        cfg = PatchVQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])})
+        return _build(PatchVQ, cfg, read_checkpoint(path)[0], path, "toy tokenizer")
+    return vq_from_state_dict(read_checkpoint(path)[0], source=path, norm_groups=cfg.get("norm_groups", 32))
 
 
-def vq_from_state_dict(sd: dict, source="state dict", norm_groups=32, local_encoder=False) -> VQModel:
+def vq_from_state_dict(sd: dict, source="state dict", norm_groups=32) -> VQModel:
     if any(k.startswith("encoder.down.") for k in sd):
         raise CheckpointError(f"{source}: a VAR multi-scale VQVAE, not a LlamaGen VQ (read it with load_msvq)")
     sd = {k: v for k, v in sd.items() if k not in UNUSED_BUFFERS}
     kw, dim = _infer_conv_config(sd, source)
-    cfg = VQConfig(**kw, codebook_dim=dim, norm_groups=norm_groups, local_encoder=local_encoder)
+    cfg = VQConfig(**kw, codebook_dim=dim, norm_groups=norm_groups)
     return _build(VQModel, cfg, sd, source, "LlamaGen VQ")
 
 

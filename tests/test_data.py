@@ -9,8 +9,9 @@ import torch
 from conftest import FIXTURES
 from PIL import Image
 
-from data import (BACKGROUNDS, COLORS, EDITS, HELD_OUT, PLACES, SHAPES, ControlDataset, DataError, EditDataset, ToyControl,
-                  ToyEdits, canny, control_map, edit_mask, load_image, render, shape_mask, to_tensor, toy_edit, toy_vocabulary)
+from data import (BACKGROUNDS, COLORS, EDITS, HELD_OUT, PLACES, PALETTE, RADII, SHAPES, UNNAMED, ControlDataset, DataError,
+                  EditDataset, ToyControl, ToyEdits, canny, control_map, coverage, edit_mask, load_image, place_of, render,
+                  to_tensor, toy_edit, toy_vocabulary)
 from model import encode_words, words_of
 from train import TEXT_LEN
 
@@ -35,9 +36,11 @@ def test_every_edit_kind_and_the_vocabulary_occur():
     shapes = {s.kind for e in edits for s in e.before.shapes}
     colors = {s.color for e in edits for s in e.before.shapes}
     assert shapes == set(SHAPES) and colors == set(COLORS) and len(COLORS) >= 6
-    assert {e.before.background for e in edits} == set(BACKGROUNDS)
+    assert {e.before.background for e in edits} == set(BACKGROUNDS) | set(UNNAMED)  # any paper, four of them named
     assert {len(e.before.shapes) for e in edits} == {1, 2, 3}
-    assert {s.place for e in edits for s in e.before.shapes} == set(PLACES)
+    assert {place_of(s) for e in edits for s in e.before.shapes} == set(PLACES)
+    radii = [s.r for e in edits for s in e.before.shapes]
+    assert RADII[0] <= min(radii) < 0.07 and 0.16 < max(radii) <= RADII[1]  # any size in the range
     assert len({e.text for e in edits if e.kind == "remove"}) > 10  # several phrasings
 
 
@@ -48,17 +51,31 @@ def test_held_out_combinations_never_occur_in_training():
     assert set(held) == HELD_OUT  # and the held-out split covers every one of them
 
 
-def test_shapes_never_overlap_and_fill_two_by_two_tokens():
+def test_shapes_never_overlap_and_are_anti_aliased():
     for i in range(200):
         scene = toy_edit(i).after
-        masks = [shape_mask(s, 64) for s in scene.shapes]
-        assert sum(m.astype(int) for m in masks).max() <= 1
+        covers = [coverage(s, 64) for s in scene.shapes]
+        assert sum(covers).max() <= 1  # no pixel is covered by two shapes
         img = render(scene, 64)
-        for s, m in zip(scene.shapes, masks):
-            assert (img[m] == COLORS[s.color]).all()
-            x, y = (round(64 * c) for c in PLACES[s.place])  # a corner of the 8-pixel token grid
-            assert x % 8 == y % 8 == 0 and m[y - 8:y + 8, x - 8:x + 8].sum() == m.sum()
-            assert all(m[y + dy:y + dy + 8, x + dx:x + dx + 8].any() for dy in (-8, 0) for dx in (-8, 0))
+        for s, cover in zip(scene.shapes, covers):
+            assert cover.sum() > 0 and s.r <= min(s.x, s.y, 1 - s.x, 1 - s.y) + 1e-9  # inside the image
+            assert (img[cover == 1] == COLORS[s.color]).all()  # flat inside
+        assert (img[sum(covers) == 0] == PALETTE[scene.background]).all()
+        edge = (0 < sum(covers)) & (sum(covers) < 1)
+        assert len({tuple(p) for p in img[edge]} - {tuple(c) for c in PALETTE.values()}) > 0  # edges blend colours
+
+
+def test_add_and_move_go_to_the_named_region():
+    edits = [e for e in (toy_edit(i) for i in range(400)) if e.kind in ("add", "move")]
+    assert {e.kind for e in edits} == {"add", "move"}
+    for e in edits:
+        place = next(p for p in sorted(PLACES, key=len, reverse=True) if e.text.endswith(p))
+        new = e.changed[-1]
+        assert place_of(new) == place, e.text
+        if e.kind == "add":
+            assert (new.x, new.y) == PLACES[place]  # the region's centre: one exact target
+        else:
+            assert place_of(e.changed[0]) != place
 
 
 def test_same_seed_same_data_other_seed_other_data():

@@ -269,29 +269,40 @@ def test_toy_stages_export_what_the_loaders_read(tmp_path):
     train.main(["--task", "encoder", "--toy", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "enc")])
     assert load_dinov2(tmp_path / "enc" / "encoder.safetensors").cfg.patch_size == 8
     train.main(["--task", "vq", "--toy", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "vq")])
-    assert load_vq(tmp_path / "vq" / "vq.safetensors").cfg.codebook_size == 1024
+    assert load_vq(tmp_path / "vq" / "vq.safetensors").cfg == train.PatchVQConfig()
     train.main(["--task", "vq", "--arch", "next-scale", "--toy", "--steps", "1", "--batch-size", "2",
                 "--out", str(tmp_path / "msvq")])
     patch_nums = read_meta(tmp_path / "msvq" / "vq.safetensors")["patch_nums"]
     assert load_msvq(tmp_path / "msvq" / "vq.safetensors", patch_nums=patch_nums).cfg.patch_nums == tuple(patch_nums)
 
 
-def test_vq_warm_up_resumes_across_the_seeding(tmp_path, capsys, monkeypatch):
-    """--vq-warmup: the codebook is seeded at the warm-up's last step, also in a run resumed just before it."""
+def test_toy_tokenizer_resumes_with_its_seeded_centroids(tmp_path, monkeypatch):
+    """--task vq --arch next-token seeds PatchVQ's centroids once, at the start; a resumed run reads them
+    from the checkpoint and ends where an uninterrupted run does."""
     monkeypatch.setattr(train, "SEED_IMAGES", 64)
     run = lambda out, steps, *extra: train.main(["--task", "vq", "--toy", "--steps", str(steps), "--batch-size", "2",
-                                                 "--vq-warmup", "2", "--out", str(tmp_path / out), "--log-every", "1",
-                                                 "--save-every", "2", *extra])
+                                                 "--out", str(tmp_path / out), "--log-every", "1", "--save-every", "2",
+                                                 *extra])
     run("full", 3)
     run("split", 2)
+    monkeypatch.setattr(train.PatchVQ, "seed", lambda *a: pytest.fail("a resumed run must not seed again"))
     run("split", 3, "--resume")
     full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
-    assert all(torch.equal(full[k], split[k]) for k in full)
-    logs = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
-    assert ["commit" in r for r in logs] == [False, False, True]
-    with pytest.raises(SystemExit):
-        train.main(["--task", "vq", "--arch", "next-scale", "--toy", "--vq-warmup", "2", "--out", str(tmp_path / "ms")])
-    assert "--vq-warmup is for --task vq --arch next-token" in capsys.readouterr().err
+    assert all(torch.equal(full[k], split[k]) for k in full) and full["model.centroids"].abs().sum() > 0
+
+def test_codebook_init_starts_alike_codes_alike():
+    """A new backbone's embedding and head start as the centroids' principal coordinates: with fewer pixel values
+    than the width, distances between rows are the centroids' distances, scaled to the std-0.02 rows' norm."""
+    torch.manual_seed(0)
+    centroids = torch.rand(64, 12)  # a PatchVQ of 2 x 2 patches
+    centroids[1] = centroids[0]
+    backbone = model_module.NextTokenTransformer(model_module.gpt_config("toy", vocab_size=64, cond="class"))
+    train.codebook_init(backbone, centroids)
+    rows = backbone.tok_embeddings.weight
+    assert torch.equal(rows, backbone.output.weight) and torch.equal(rows[0], rows[1])
+    assert rows.norm(dim=1).mean().item() == pytest.approx(0.02 * 128 ** 0.5, rel=1e-5)
+    ratio = torch.pdist(rows.double())[1:] / torch.pdist(centroids.double())[1:]  # pair (0, 1) is at distance 0
+    assert ratio.std() / ratio.mean() < 1e-5
 
 
 def test_init_from_an_official_backbone_on_labelled_control_data(tmp_path, capsys):
@@ -346,9 +357,11 @@ def test_the_missions_command_trains_the_toy_editor_with_the_shipped_parts():
     a = train.parse_args(["--task", "edit"])
     assert a.toy and a.model == "toy" and a.image_size == 64 and a.out == Path("runs/edit_next_token")
     assert a.dino == train.SHIPPED / "encoder" / "encoder.safetensors" and a.vq == train.SHIPPED / "vq" / "vq.safetensors"
-    assert (a.steps, a.lr, a.schedule, a.dropout, a.weight_decay) == (8000, 1e-3, "cosine", 0.0, 0.5)
+    assert (a.steps, a.lr, a.schedule, a.dropout, a.weight_decay) == (4000, 1e-3, "cosine", 0.0, 0.5)
     given = train.parse_args(["--task", "edit", "--lr", "3e-4", "--dropout", "0.1"])
-    assert (given.lr, given.dropout, given.steps) == (3e-4, 0.1, 8000)  # what the user gives wins
+    assert (given.lr, given.dropout, given.steps) == (3e-4, 0.1, 4000)  # what the user gives wins
+    scale = train.parse_args(["--task", "edit", "--arch", "next-scale", "--vq", "runs/toy/msvq/vq.safetensors"])
+    assert (scale.steps, scale.weight_decay, scale.dropout) == (4000, 0.5, 0.0)  # one recipe for both backbones
     assert train.parse_args(["--task", "vq"]).lr == 1e-4  # the toy recipe is SCAR's
 
 
@@ -375,7 +388,7 @@ def test_a_folder_with_long_instructions_gets_the_word_slots_it_needs(frozen, tm
 
 
 def test_lean_reconstruction_head_trains_from_the_command_line(frozen, tmp_path):
-    train.main(args(frozen, tmp_path / "lean", "--pres-head", "lean", steps=2))
+    train.main(args(frozen, tmp_path / "lean", "--pres-head", "lean", "--k", "2", steps=2))  # the toy recipe's k = 1 has no U_k
     w = weights(tmp_path / "lean")
     assert w["model.compressor.up.0.weight"].shape == (4 * 64, 64, 1, 1)  # 1x1 conv C -> 4C of the tiny DINOv2's C
     assert read_meta(tmp_path / "lean" / "edit.safetensors")["scar"]["pres_head"] == "lean"

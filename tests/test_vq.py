@@ -8,8 +8,8 @@ from conftest import FIXTURES
 from safetensors.torch import load_file
 
 from checkpoint import CheckpointError, save_checkpoint
-from vq import (MSVQ_SIZES, VQ_SIZES, MSVQConfig, MultiScaleVQVAE, VQConfig, VQModel, farthest_points, load_msvq,
-                load_vq, msvq_from_state_dict, vq_from_state_dict)
+from vq import (MSVQ_SIZES, VQ_SIZES, MSVQConfig, MultiScaleVQVAE, PatchVQ, PatchVQConfig, VQConfig, VQModel,
+                farthest_points, kmeans, load_msvq, load_vq, msvq_from_state_dict, vq_from_state_dict)
 
 LLAMAGEN, VAR = FIXTURES / "llamagen_vq", FIXTURES / "var_vqvae"
 LATENT_TOL, IMAGE_TOL = dict(atol=1e-5, rtol=0), dict(atol=1e-4, rtol=0)  # the fixture READMEs' tolerances
@@ -148,73 +148,85 @@ def test_farthest_points_reach_rare_vectors():
     assert picked[0] == 0 and sorted(picked[1:]) == [200, 501, 502]
 
 
-def test_warm_up_then_seeded_codebook():
-    """quantize=False trains a plain autoencoder (decoder on the continuous z, no commitment); seeding
-    from images with more distinct patches than codes fills the codebook with distinct codes that
-    those images then use."""
+def tiny_patch_vq(codebook_size=64):  # 4 x 4 px tokens
     torch.manual_seed(0)
-    model = VQModel(VQConfig(ch=32, ch_mult=(1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1))
-    img = scenes(8, 16, torch.Generator().manual_seed(0))
-    warm = model(img, quantize=False)
-    with torch.no_grad():
-        z = torch.nn.functional.normalize(model.quant_conv(model.encoder(img)), dim=1)
-        assert torch.allclose(warm["recon"], model.decoder(model.post_quant_conv(z)))
-    assert "commit" not in warm and "commit" in model(img)
-    warm["loss"].backward()
-    assert model.quantize.embedding.weight.grad.abs().sum() > 0  # DDP needs a gradient for every parameter
-    model.seed_codebook(img)
-    assert torch.unique(model.codebook(), dim=0).shape[0] == 64
-    assert model.encode(img).unique().numel() >= 56
+    return PatchVQ(PatchVQConfig(patch=4, codebook_size=codebook_size, ch=16, ch_mult=(1, 1, 1), num_res_blocks=1))
 
 
-def test_seeded_codebook_has_one_code_per_distinct_patch():
-    """Tokens with identical pixels share one code, the mean of their latents, whatever their context."""
-    torch.manual_seed(0)
-    model = VQModel(VQConfig(ch=32, ch_mult=(1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1))
+def test_patch_vq_seeds_one_centroid_per_distinct_patch_and_starts_from_the_mosaic():
+    """With no more distinct patches than codes every patch is a centroid: identical patches share a code
+    wherever they are, and the untrained decoder (last conv at zero) returns the mosaic, the image itself."""
+    model = tiny_patch_vq()
     colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1]])
-    img = colours[:, :, None, None].expand(4, 3, 16, 16).clone()  # four flat images, 2 x 2 px patches
-    img[0, :, 4:8, 6:10] = colours[1][:, None, None]  # a green block on red, aligned to the patches
-    model.seed_codebook(img)
-    rows = model.codebook()
-    assert torch.unique(rows, dim=0).shape[0] == 4
-    with torch.no_grad():
-        z = torch.nn.functional.normalize(model.quant_conv(model.encoder(img)), dim=1)  # (4, 8, 8, 8)
-    green = torch.cat([z[1].flatten(1), z[0, :, 2:4, 3:5].flatten(1)], 1).mean(1)
-    # A direct difference: cdist's |a|^2 + |b|^2 - 2ab form cancels catastrophically for near-equal unit vectors
-    # (2e-4 with one thread).
-    assert (rows - torch.nn.functional.normalize(green, dim=0)).norm(dim=1).min() < 1e-5
+    img = colours[:, :, None, None].expand(4, 3, 16, 16).clone()  # four flat images
+    img[0, :, 4:8, 8:12] = colours[1][:, None, None]  # a green block on red, on the token grid
+    model.seed(img)
+    codes = model.encode(img)
+    assert codes.unique().numel() == 4 and codes[0, 1, 2] == codes[1, 0, 0]
+    assert torch.allclose(model.decode(codes), img, atol=1e-6)
     with pytest.raises(ValueError, match="at least one image"):
-        model.seed_codebook(img[:0])
+        model.seed(img[:0])
 
 
-def test_toy_export_records_its_config(tmp_path):
-    model = VQModel(replace(VQ_SIZES["toy"], ch=32, ch_mult=(1, 1), codebook_size=64)).eval()
+def test_patch_vq_seeding_keeps_the_most_frequent_patch_accurate():
+    """More distinct patches than codes: a weighted k-means; the flat background, which occurs most, keeps a
+    centroid near it (within 2 levels, against 13 for the noise), and the noise patches share the others."""
+    model = tiny_patch_vq(codebook_size=8)
+    img = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1  # 96 distinct noise patches
+    img[:4] = torch.tensor([0.2, -0.6, 0.4])[:, None, None]  # 64 tokens of one flat colour
+    model.seed(img)
+    codes = model.encode(img)
+    error = (model.decode(codes) - img).abs().mean((1, 2, 3)) * 127.5  # mean error in levels of 255
+    assert error[:4].max() < 2 and error[4:].min() > 13
+    assert codes[4:].unique().numel() >= 6 and (codes[:4] == codes[0, 0, 0]).all()
+
+
+def test_kmeans_weights_rows_by_occurrence():
+    """Two tight clusters and a far outlier in three centres: the rare outlier keeps one (the farthest-point
+    start); with weights, a heavily used row draws its cluster's centre onto itself."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([1.0, 0, 0]) + 0.05 * torch.randn(50, 3, generator=g)
+    b = torch.tensor([0.0, 1, 0]) + 0.05 * torch.randn(50, 3, generator=g)
+    centres = kmeans(torch.cat([a, b, torch.tensor([[0.0, 0, 5]])]), torch.ones(101), 3)
+    expected = torch.stack([a.mean(0), b.mean(0), torch.tensor([0.0, 0, 5])])
+    assert torch.cdist(expected, centres).min(1).values.max() < 1e-5
+    x = torch.cat([torch.tensor([[0.5, 0.5, 0]]), 0.01 * torch.randn(20, 3, generator=g) + 0.6, torch.tensor([[9.0, 9, 9]])])
+    heavy = kmeans(x, torch.cat([torch.tensor([1000.0]), torch.ones(21)]), 2)
+    plain = kmeans(x, torch.ones(22), 2)
+    assert torch.cdist(x[:1], heavy).min() < 0.02 < 0.1 < torch.cdist(x[:1], plain).min()  # pulled onto the heavy row
+
+
+def test_patch_vq_trains_and_its_export_loads(tmp_path):
+    model = tiny_patch_vq(codebook_size=16)
+    img = scenes(8, 16, torch.Generator().manual_seed(0))
+    model.seed(img)
+    out = model(img)
+    out["loss"].backward()
+    assert set(out) >= {"loss", "rec", "recon", "codes"} and model.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert model.centroids.grad is None  # the centroids are fixed after seeding
     save_checkpoint(tmp_path / "vq.safetensors", model.state_dict(), {"kind": "vq", "config": asdict(model.cfg)})
     loaded = load_vq(tmp_path / "vq.safetensors")
-    x = scenes(2, 16, torch.Generator().manual_seed(0))
-    assert loaded.cfg.norm_groups == 0 and loaded.cfg.local_encoder
-    assert torch.equal(loaded.decode(loaded.encode(x)), model.decode(model.encode(x)))
+    assert isinstance(loaded, PatchVQ) and loaded.cfg == model.cfg and loaded.downsample == 4
+    assert torch.equal(loaded.decode(loaded.encode(img)), model.decode(model.encode(img)))
 
 
-def test_local_encoder_codes_depend_on_their_own_patch_only():
-    torch.manual_seed(0)
-    cfg = VQConfig(ch=32, ch_mult=(1, 1, 1), z_channels=32, codebook_size=64, codebook_dim=8, num_res_blocks=1,
-                   norm_groups=0)  # GroupNorm would normalise a flat patch's colour away
+def test_patch_vq_codes_depend_on_their_own_patch_only():
+    """An edit in one place leaves every other token's code as it was (LlamaGen's encoder, whose attention
+    is global, changes them all)."""
+    model = tiny_patch_vq()
     x = scenes(1, 16, torch.Generator().manual_seed(0))
+    model.seed(torch.cat([x, scenes(3, 16, torch.Generator().manual_seed(1))]))
     y = x.clone()
     y[:, :, 4:8, 8:12] = 0.3  # one 4 x 4 patch: token (1, 2)
-    for local in (True, False):
-        model = VQModel(replace(cfg, local_encoder=local))
-        with torch.no_grad():
-            changed = (model.latent(x) - model.latent(y)).abs().amax(1)[0] > 1e-6  # (4, 4)
-        if local:
-            assert changed.nonzero().tolist() == [[1, 2]]
-        else:  # the official encoder's attention spreads one patch's change to every token
-            assert changed.all()
+    assert (model.encode(x) != model.encode(y))[0].nonzero().tolist() == [[1, 2]]
+    llamagen = VQModel(VQConfig(ch=32, ch_mult=(1, 1, 1), z_channels=32, codebook_size=64, codebook_dim=8,
+                                num_res_blocks=1, norm_groups=0))
+    with torch.no_grad():
+        assert ((llamagen.latent(x) - llamagen.latent(y)).abs().amax(1) > 1e-6).all()
 
 
 def test_named_sizes_build():
-    assert VQModel(VQ_SIZES["toy"]).downsample == 8
+    assert PatchVQ(PatchVQConfig()).downsample == 8
     assert MultiScaleVQVAE(MSVQ_SIZES["toy"]).downsample == 8
 
 
