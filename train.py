@@ -4,10 +4,11 @@
     torchrun --nproc_per_node=8 train.py --task edit --data DIR --init t2i_XL_stage2_512.pt --text t5 \\
         --t5 flan-t5-xl --dino dinov2_vitb14_pretrain.pth --vq vq_ds16_t2i.pt --out runs/xl
 
-One process or torchrun (DDP; NCCL on CUDA, gloo on CPU). Without --data the run trains on the toy
-world (--toy), with the shipped toy encoder and tokenizer unless --dino / --vq say otherwise, and SCAR
-takes the toy recipe's hyperparameters (TOY_RECIPE) for every flag not given. With --data a backbone
-must be named (--model or --init), and images are the paper's sizes unless --image-size says otherwise.
+One process or torchrun (DDP, or FSDP with --fsdp; NCCL on CUDA, gloo on CPU). Without --data the run
+trains on the toy world (--toy), with the shipped toy encoder and tokenizer unless --dino / --vq say
+otherwise, and SCAR takes the toy recipe's hyperparameters (TOY_RECIPE) for every flag not given. With
+--data a backbone must be named (--model or --init), and images are the paper's sizes unless
+--image-size says otherwise.
 
 The frozen DINOv2, tokenizer and T5 run once per step under no_grad and outside autocast, in float32,
 and are not part of the checkpoint (only their paths). Every --save-every steps and at the end,
@@ -33,6 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -67,7 +72,7 @@ TOY_RECIPE = dict(DEFAULTS, steps=4000, lr=1e-3, warmup=50, schedule="cosine", d
 # What --resume compares with the checkpoint's run: these may change freely; any other difference is refused
 # unless --allow-changes is given (a changed architecture cannot load at all).
 FREE_ON_RESUME = {"steps", "save_every", "log_every", "workers", "out", "resume", "compile", "precision", "skip_bad",
-                  "dist_timeout", "allow_changes", "micro_batch_size", "export_dtype", "checkpointing"}
+                  "dist_timeout", "allow_changes", "micro_batch_size", "export_dtype", "checkpointing", "fsdp"}
 PATH_FLAGS = ("data", "init", "dino", "vq", "t5")
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -110,6 +115,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model")
     p.add_argument("--checkpointing", action="store_true", help="SCAR: recompute each backbone block in backward instead "
                    "of keeping its activations (less memory for the sizes past XL, about a third more compute)")
+    p.add_argument("--fsdp", action="store_true", help="SCAR with torchrun: shard the weights, gradients and AdamW state "
+                   "across the processes (FSDP2, one unit per backbone block; bf16 weights with float32 gradient reduction "
+                   "under bf16) instead of a copy on each (DDP): for the backbones past GPT-XL. The checkpoint is the "
+                   "same file as DDP's, gathered on rank 0")
     p.add_argument("--init", type=Path, help="official LlamaGen GPT (.pt) or VAR (.pth) checkpoint to start the backbone from")
     p.add_argument("--dino", type=Path, help="DINOv2 checkpoint (hub .pth, HF folder, or the toy encoder's export; "
                    "default with the toy world: the shipped one)")
@@ -221,8 +230,9 @@ def check_args(p, args):
         p.error(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.checkpointing and args.task not in ("edit", "control"):
-        p.error("--checkpointing is for SCAR (--task edit or control)")
+    for flag in ("checkpointing", "fsdp"):
+        if getattr(args, flag) and args.task not in ("edit", "control"):
+            p.error(f"--{flag} is for SCAR (--task edit or control)")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.text == "t5" and args.t5 is None and not (args.data and (args.data / T5_DIR).is_dir()):
@@ -438,8 +448,8 @@ class SCARTask:
     def losses(self, model, inputs, step):
         return model(**inputs)
 
-    def export(self, model):
-        return dict(model.state_dict()), self.meta
+    def export(self, weights):
+        return weights, self.meta
 
 
 class VQTask:
@@ -468,8 +478,8 @@ class VQTask:
         items = [data[i] for i in range(min(len(data), SEED_IMAGES // 2))]
         self.model.seed(torch.cat([collate(items)[k] for k in ("source", "target")]))
 
-    def export(self, model):
-        return dict(model.state_dict()), self.meta
+    def export(self, weights):
+        return weights, self.meta
 
 
 @torch.no_grad()
@@ -522,8 +532,8 @@ class EncoderTask:
     def losses(self, model, images, step):
         return model(images)
 
-    def export(self, model):  # the bare DINOv2 in the torch-hub layout: load_dinov2 reads it
-        return dict(model.dino.state_dict()), self.meta
+    def export(self, weights):  # the bare DINOv2 in the torch-hub layout: load_dinov2 reads it
+        return {k[5:]: v for k, v in weights.items() if k.startswith("dino.")}, self.meta
 
 
 TASKS = {"edit": SCARTask, "control": SCARTask, "vq": VQTask, "encoder": EncoderTask}
@@ -548,18 +558,68 @@ def learning_rate(args, step: int) -> float:  # for optimiser step `step` (0-bas
     return args.lr
 
 
-def optimizer_tensors(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def shard(model, bf16: bool):
+    """--fsdp: each backbone block is one FSDP unit (its weights gathered just before it runs, freed after), the rest
+    of SCAR (embeddings, head, compressor, projection, U_k) the root unit. Under bf16 the gathered weights are bf16
+    and gradients are reduced in float32, as LlamaGen's FSDP runs."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    with torch.no_grad():  # each rank initialised with its own seed: start from rank 0's weights, as DDP does
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+    backbone = model.backbone
+    for block in backbone.layers if isinstance(backbone, NextTokenTransformer) else backbone.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0 only
+
+
+def full_weights(model, sharded: bool) -> dict:
+    """The weights as whole tensors; sharded (FSDP), a collective that gathers them on rank 0 (the others get {})."""
+    return get_model_state_dict(model, options=GATHERED) if sharded else model.state_dict()
+
+
+def full_state(model, opt, sharded: bool) -> tuple[dict, dict]:
+    """The weights and AdamW state as whole tensors, AdamW's keyed by parameter index as torch's own state_dict,
+    gathered on rank 0 when sharded: one checkpoint file whatever the sharding, so a run can resume with or without
+    --fsdp and export as it is."""
+    if not sharded:
+        return model.state_dict(), opt.state_dict()
+    weights, sd = full_weights(model, True), get_optimizer_state_dict(model, opt, options=GATHERED)
+    if not sd:
+        return weights, sd
+    index = {name: i for i, name in enumerate(name for group in sd["param_groups"] for name in group["params"])}
+    return weights, {"state": {index[name]: state for name, state in sd["state"].items()},
+                     "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_full_state(model, opt, weights: dict, sd: dict, sharded: bool):
+    """full_state's inverse; sharded, every rank passes the whole tensors and keeps its shards."""
+    if not sharded:
+        model.load_state_dict(weights)
+        opt.load_state_dict(sd)
+        return
+    name_of = {p: name for name, p in model.named_parameters()}
+    names = [name_of[p] for group in opt.param_groups for p in group["params"]]
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, opt, {"state": {names[i]: state for i, state in sd["state"].items()},
+                                          "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                                           for g in sd["param_groups"]]}, options=options)
+
+
+def optimizer_tensors(sd) -> tuple[dict, dict]:
     tensors = {f"optim.{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()}
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def load_optimizer(opt, tensors: dict, meta: dict):
+def optimizer_state(tensors: dict, meta: dict) -> dict:
     state = {}
     for key, value in tensors.items():
         _, i, name = key.split(".", 2)
         state.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_states(run: Dist) -> dict[str, torch.Tensor]:
@@ -601,18 +661,21 @@ def check_resumable(meta: dict, args, run: Dist, ckpt: Path):
 
 
 def save(path, model, opt, step, data_pos, rng, task, args, run):
-    """The training state: every trained weight (also heads the export leaves out), AdamW, step, data, RNG."""
+    """The training state: every trained weight (also heads the export leaves out), AdamW, step, data, RNG.
+    Every rank calls it (FSDP gathers the state), rank 0 writes."""
+    weights, sd = full_state(model, opt, args.fsdp)
     if run.rank != 0:
         return
-    opt_tensors, opt_meta = optimizer_tensors(opt)
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng}
+    opt_tensors, opt_meta = optimizer_tensors(sd)
+    tensors = {**{f"model.{k}": v for k, v in weights.items()}, **opt_tensors, **rng}
     save_checkpoint(path, tensors, {**task.meta, "step": step, "data": data_pos, "optimizer": opt_meta,
                                     "world": run.world, "args": recorded_args(args)})
 
 
-def export(path, model, task, run, dtype):
+def export(path, model, task, run, dtype, sharded: bool):
+    weights = full_weights(model, sharded)
     if run.rank == 0:  # loaders return float32 models whatever the file holds
-        weights, meta = task.export(model)
+        weights, meta = task.export(weights)
         save_checkpoint(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, meta)
 
 
@@ -622,8 +685,9 @@ def resume(args, model, opt, run: Dist):
     meta = read_meta(ckpt)
     tensors, _ = read_checkpoint(ckpt)
     try:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
+        load_full_state(model, opt, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                        optimizer_state({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"]),
+                        args.fsdp)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: does not fit this model ({str(e).strip().splitlines()[0]})") from None
     opt.param_groups[0]["weight_decay"] = args.weight_decay  # a changed --weight-decay (--allow-changes) applies
@@ -700,7 +764,21 @@ def micro_batches(data, run, args, micro: int, epoch: int, pos: int):
         epoch, pos = epoch + 1, 0
 
 
-def accumulate(task, fwd, stream, accum: int, step: int, run, bf16: bool):
+@contextlib.contextmanager
+def local_gradients(fwd, sharded: bool):
+    """Gradients kept on each rank, summed over micro-batches, until the last one syncs them."""
+    if not sharded:
+        with fwd.no_sync():
+            yield
+        return
+    fwd.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        fwd.set_requires_gradient_sync(True)
+
+
+def accumulate(task, fwd, stream, accum: int, step: int, run, bf16: bool, sharded: bool):
     """Forward and backward of `accum` micro-batches (gradients summed, synced across ranks on the last one);
     returns the micro-batch averaged loss tensors, the target tokens seen and the data position."""
     totals, tokens = {}, 0
@@ -708,7 +786,7 @@ def accumulate(task, fwd, stream, accum: int, step: int, run, bf16: bool):
         batch, position = next(stream)
         inputs = task.inputs(batch)  # the frozen parts, in float32
         syncs = run.world > 1 and i == accum - 1
-        with fwd.no_sync() if run.world > 1 and not syncs else contextlib.nullcontext():
+        with local_gradients(fwd, sharded) if run.world > 1 and not syncs else contextlib.nullcontext():
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
                 losses = task.losses(fwd, inputs, step)
             if syncs:
@@ -734,8 +812,13 @@ def check_update(losses: dict, grad_norm, step: int, run: Dist):
                                  "the update was not applied")
 
 
+def whole(t):
+    """A tensor whole: an FSDP shard (DTensor) gathered, on every rank."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def check_weights(model, step: int):
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(whole(p)).all()]
     if bad:
         raise FloatingPointError(f"non-finite weights after step {step} ({bad[0]}, {len(bad)} tensors); not saved")
 
@@ -755,12 +838,16 @@ def train(args, run: Dist):
     model = task.model
     if args.checkpointing:
         model.backbone.checkpointing = True
+    if args.fsdp:
+        if run.world == 1:
+            raise UsageError("--fsdp shards the model across processes: start the run with torchrun")
+        shard(model, bf16)
     opt = make_optimizer(model, args.lr, args.weight_decay)
     ckpt = args.out / "checkpoint.safetensors"
     step, epoch, pos = resume(args, model, opt, run) if args.resume else (0, 0, 0)
     if run.world > 1:
         arrive(run, "the start of training")
-    ddp = DDP(model, broadcast_buffers=False) if run.world > 1 else model  # buffers are fixed tables: no sync needed
+    ddp = DDP(model, broadcast_buffers=False) if run.world > 1 and not args.fsdp else model  # buffers: fixed tables
     fwd = torch.compile(ddp) if args.compile else ddp
     log = args.out / "log.jsonl" if run.rank == 0 else None
     if log:
@@ -773,8 +860,8 @@ def train(args, run: Dist):
     try:  # the bar ends its line before any error is printed
         while step < args.steps:
             t0 = time.perf_counter()
-            totals, tokens, position = accumulate(task, fwd, stream, accum, step, run, bf16)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            totals, tokens, position = accumulate(task, fwd, stream, accum, step, run, bf16, args.fsdp)
+            grad_norm = whole(nn.utils.clip_grad_norm_(model.parameters(), 1.0))
             check_update(totals, grad_norm, step + 1, run)
             if pending:  # the weights it holds have just given a finite loss and finite gradients
                 save(ckpt, model, opt, *pending, task, args, run)
@@ -802,7 +889,7 @@ def train(args, run: Dist):
     check_weights(model, step)
     if pending:  # None when a resumed run had no step left to do
         save(ckpt, model, opt, *pending, task, args, run)
-    export(args.out / f"{args.task}.safetensors", model, task, run, EXPORT_DTYPES[args.export_dtype])
+    export(args.out / f"{args.task}.safetensors", model, task, run, EXPORT_DTYPES[args.export_dtype], args.fsdp)
 
 
 def main(argv=None):

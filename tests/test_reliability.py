@@ -403,6 +403,30 @@ def test_torchrun_resume_equals_an_uninterrupted_run(env, tmp_path):
     assert one.returncode == 2 and "written by 2 processes; resume it with 2, not 1" in one.stderr
 
 
+def test_fsdp_trains_as_ddp_and_resumes_exactly(env, tmp_path):
+    """--fsdp on two processes: DDP's losses and weights within float tolerance (a reduce-scatter sums in another
+    order than an all-reduce), 2 + 2 steps equal 4 exactly, and the checkpoint is DDP's file (gathered on rank 0),
+    so a DDP run resumes under FSDP; bf16 weights with float32 reduction run too."""
+    ddp, full, split, mixed = (tmp_path / name for name in ("ddp", "full", "split", "mixed"))
+    dropout = ("--dropout", "0.1")
+    fsdp = ("--fsdp",)
+    for out, steps, extra in ((ddp, 4, ()), (full, 4, fsdp), (split, 2, fsdp), (split, 4, (*fsdp, "--resume")),
+                              (mixed, 2, (*fsdp, "--precision", "bf16"))):
+        result = torchrun(*tiny_train(env["frozen"], out, *dropout, *extra, steps=steps))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(full, split)
+    losses = {run: [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()] for run in (ddp, full)}
+    assert losses[full] == pytest.approx(losses[ddp], rel=1e-5) and len(losses[full]) == 4
+    a, b = weights_and_state(ddp), weights_and_state(full)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a if k.startswith("model."))
+    assert read_meta(mixed / "checkpoint.safetensors")["step"] == 2 and (mixed / "edit.safetensors").is_file()
+    result = torchrun(*tiny_train(env["frozen"], ddp, *dropout, *fsdp, "--resume", steps=5))
+    assert result.returncode == 0 and read_meta(ddp / "checkpoint.safetensors")["step"] == 5, result.stderr[-3000:]
+    alone = python(*tiny_train(env["frozen"], tmp_path / "alone", *fsdp))
+    assert alone.returncode == 2 and alone.stderr.strip() == "error: --fsdp shards the model across processes: start the " \
+        "run with torchrun" and not (tmp_path / "alone").exists()
+
+
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_a_dead_or_stalled_rank_ends_the_job_with_its_cause(env, driver, tmp_path, how):
     """Rank 1 is killed, or stopped (SIGSTOP), in its second forward pass: the job ends with the cause named,

@@ -122,9 +122,9 @@ import sys, torch
 sys.path.insert(0, {root!r})
 import train
 write = train.export
-def export(path, model, task, run, dtype):  # every rank dumps its parameters after the last step
+def export(path, model, task, run, *rest):  # every rank dumps its parameters after the last step
     torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, path.parent / f"rank{{run.rank}}.pt")
-    write(path, model, task, run, dtype)
+    write(path, model, task, run, *rest)
 train.export = export
 train.main(sys.argv[1:])
 """
