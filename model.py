@@ -147,8 +147,14 @@ class Prefix(NamedTuple):
         return self._replace(h=torch.cat([self.h, other.h]), valid=torch.cat([self.valid, other.valid]), cond=cond)
 
 
-def update_cache(cache, k, v, pos: int):
-    """Write k, v (B, H, S, d) at positions pos.. of a preallocated (k, v) cache; return the filled part."""
+def update_cache(cache, k, v, pos):
+    """Write k, v (B, H, S, d) at positions pos.. of a preallocated (k, v) cache; return the filled part.
+
+    With pos a 0-dim tensor (the compiled decoder) the write is in place at a position the graph does not
+    specialise on, and the whole cache is returned: every step has the same shapes, the caller masks the rest."""
+    if isinstance(pos, torch.Tensor):
+        index = pos + torch.arange(k.shape[2], device=k.device)
+        return cache[0].index_copy_(2, index, k), cache[1].index_copy_(2, index, v)
     end = pos + k.shape[2]
     cache[0][:, :, pos:end] = k
     cache[1][:, :, pos:end] = v
@@ -441,13 +447,22 @@ class NextTokenTransformer(nn.Module):
             x = layer(x, prefix.rope.to(x.device), mask)
         return self.output(self.norm(x[:, -1])).float()
 
-    def decode(self, tokens, index: int):
-        """Feed image token `index` (B,) through the cache; logits (B, V) of token index + 1."""
+    def decode(self, tokens, index):
+        """Feed image token `index` (B,) through the cache; logits (B, V) of token index + 1.
+
+        index an int: attend to the filled part of the cache only (the eager path: no work on empty slots).
+        index a 0-dim tensor: attend to the whole preallocated cache under a mask of the filled part, so that every
+        step has the same shapes and one compiled graph serves them all (generate_tokens(compile=True))."""
         key_valid, P, n_tokens = self._decoding
         pos = P + index
         x = self.tok_embeddings(tokens)[:, None].to(self.layers[0].attention.cache[0].dtype)
-        rope = self.target_rope(n_tokens, torch.tensor([index], device=tokens.device))
-        mask = None if key_valid is None else key_valid[:, None, None, :pos + 1]
+        if isinstance(index, torch.Tensor):
+            rope = self.target_rope(n_tokens, index.view(1))
+            mask = (torch.arange(P + n_tokens, device=tokens.device) <= pos)[None, None, None]  # (1, 1, 1, keys)
+            mask = mask if key_valid is None else mask & key_valid[:, None, None]
+        else:
+            rope = self.target_rope(n_tokens, torch.tensor([index], device=tokens.device))
+            mask = None if key_valid is None else key_valid[:, None, None, :pos + 1]
         for layer in self.layers:
             x = layer(x, rope, mask, cache_pos=pos)
         return self.output(self.norm(x[:, -1])).float()

@@ -40,9 +40,12 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     return logits
 
 
+def probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):  # (B, V) -> (B, V) what sampling draws from
+    return F.softmax(filter_logits(logits / max(temperature, 1e-5), top_k, top_p), dim=-1)
+
+
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):  # (B, V) -> (B,) int64
-    logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
 
 def plausible_only(guided, cond, plausibility: float):
@@ -67,14 +70,18 @@ def guide(logits, cfg: float, plausibility: float = 0.0):  # (2B, V) [cond ; unc
 
 @torch.no_grad()
 def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0,
-                    generator=None, use_cache=True, progress=False, plausibility=0.0):
+                    generator=None, use_cache=True, progress=False, plausibility=0.0, compile=False):
     """Sample (B, n_tokens) int64 image tokens, as LlamaGen's `generate`.
 
     `model` is an official `NextTokenTransformer` (cond: class ids or caption features with
     `cond_mask`) or a `SCAR` model (cond: (F_s, text)). For cfg > 1 the unconditional half is built
     here from the conditional batch; `plausibility` > 0 restricts it to plausible codes (plausible_only;
     0 = LlamaGen's). `use_cache=False` recomputes the whole sequence every step and gives the same tokens.
-    No cache is left on the model afterwards. `progress` shows a bar.
+    No cache is left on the model afterwards. `progress` shows a bar. `compile` runs each step up to the
+    sampling probabilities (decode, guidance, filtering, softmax) as one torch.compile graph with static shapes
+    over the whole preallocated cache (gpt-fast style: NextTokenTransformer.decode with a tensor index); the
+    draw itself (torch.multinomial with the generator) stays eager, so the tokens are eager decoding's. No
+    CUDA graphs: the KV cache is a plain attribute that each prefill replaces.
     """
     backbone = getattr(model, "backbone", model)
     prefix = model.prefix(cond, cond_mask)
@@ -83,17 +90,24 @@ def generate_tokens(model, cond, n_tokens, cond_mask=None, cfg=1.0, temperature=
     if guided:
         prefix = prefix.cat(model.prefix(cond, cond_mask, drop_text=torch.ones(B, dtype=torch.bool, device=prefix.h.device)))
     tokens = torch.zeros(B, n_tokens, dtype=torch.long, device=prefix.h.device)
+
+    def probs_of(logits):
+        return probabilities(guide(logits, cfg, plausibility) if guided else logits, temperature, top_k, top_p)
+
+    def step(nxt, index):  # probabilities of token index + 1
+        return probs_of(backbone.decode(nxt.repeat(2) if guided else nxt, index))
+    steps = range(n_tokens)
+    if compile:  # 0-dim tensor positions: the graph does not specialise on the step
+        step, steps = torch.compile(step, fullgraph=True, dynamic=False), torch.arange(n_tokens, device=prefix.h.device)
     try:
-        logits = backbone.prefill(prefix, n_tokens) if use_cache else None
+        probs = probs_of(backbone.prefill(prefix, n_tokens)) if use_cache else None
         for i in tqdm(range(n_tokens), desc="decoding", disable=not progress, leave=False):
             if not use_cache:  # the last column is a placeholder that is never read
                 seen = tokens[:, :i + 1].repeat(2 if guided else 1, 1)
-                logits = backbone.logits(prefix, seen, n_tokens)[:, i]
-            nxt = sample_logits(guide(logits, cfg, plausibility) if guided else logits, temperature, top_k, top_p,
-                                generator)
-            tokens[:, i] = nxt
+                probs = probs_of(backbone.logits(prefix, seen, n_tokens)[:, i])
+            tokens[:, i] = torch.multinomial(probs, 1, generator=generator)[:, 0]
             if use_cache and i + 1 < n_tokens:
-                logits = backbone.decode(nxt.repeat(2) if guided else nxt, i)
+                probs = step(tokens[:, i], steps[i])
     finally:
         backbone.reset_cache()
     return tokens
@@ -266,29 +280,32 @@ def source_condition(meta, dino, vq, x):
 
 @torch.no_grad()
 def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-               generator=None, progress=False, t5=None, plausibility=PLAUSIBILITY):
+               generator=None, progress=False, t5=None, plausibility=PLAUSIBILITY, compile=False):
     """Images (B, 3, S, S) in [-1, 1] generated from sources x (B, 3, S, S) at the model's resolution S
-    (the image to edit, or a control map) and the prompts."""
+    (the image to edit, or a control map) and the prompts. `compile`: the compiled decoder (next-token only)."""
     F_s = source_condition(meta, dino, vq, x)
     text, mask = text_condition(model, prompts, t5, x.device)
     if meta["arch"] == "next-scale":
+        if compile:
+            raise SampleError("--compile compiles the next-token decode step; this is a next-scale model")
         codes = generate_scales(model, vq, (F_s, text), cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator, mask=mask, progress=progress, plausibility=plausibility)
     else:
         grid = meta["image_size"] // vq.downsample
         codes = generate_tokens(model, (F_s, text), grid * grid, cond_mask=mask, cfg=cfg, temperature=temperature,
                                 top_k=top_k, top_p=top_p, generator=generator, progress=progress,
-                                plausibility=plausibility).view(-1, grid, grid)
+                                plausibility=plausibility, compile=compile).view(-1, grid, grid)
     return vq.decode(codes).clamp(-1, 1)
 
 
 def edit(model, meta, dino, vq, image: Image.Image, prompt: str, n=1, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-         seed=0, device="cpu", t5=None, plausibility=PLAUSIBILITY) -> list[Image.Image]:
+         seed=0, device="cpu", t5=None, plausibility=PLAUSIBILITY, compile=False) -> list[Image.Image]:
     """`n` outputs for `image` (any size or aspect ratio) and `prompt`, at the input's size."""
     square, box = fit_square(image, meta["image_size"])
     x = to_tensor(square)[None].to(device).expand(n, -1, -1, -1)
     out = edit_batch(model, meta, dino, vq, x, [prompt] * n, cfg, temperature, top_k, top_p,
-                     torch.Generator(device).manual_seed(seed), progress=True, t5=t5, plausibility=plausibility)
+                     torch.Generator(device).manual_seed(seed), progress=True, t5=t5, plausibility=plausibility,
+                     compile=compile)
     return [unfit(to_image(o), box, max(image.size), image.size) for o in out]
 
 
@@ -339,6 +356,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (next-token models): the same "
+                   "image, faster per token once compiled; compiling takes seconds to a minute, worth it for large "
+                   "models or many samples")
     p.error = lambda message: p.exit(2, f"error: {message} (sample.py --help lists the flags)\n")  # one line, no usage
     return p.parse_args(argv)
 
@@ -372,7 +392,7 @@ def main(argv=None):
         model = model.to(args.device)
         dino, vq, t5 = frozen_parts(meta, args.ckpt, args.device, args.t5)
         outs = edit(model, meta, dino, vq, image, args.prompt.strip(), args.n, args.cfg, args.temperature, args.top_k,
-                    args.top_p, args.seed, args.device, t5, args.plausibility)
+                    args.top_p, args.seed, args.device, t5, args.plausibility, args.compile)
         save_atomic(grid_image(outs), out)
         print(out)
     except (SampleError, CheckpointError, DataError) as e:

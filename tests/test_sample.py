@@ -79,15 +79,27 @@ def test_control_flag_must_match_the_model(ckpts, drawing, tmp_path, capsys, ckp
     assert message in capsys.readouterr().err and not (tmp_path / "o.png").exists()
 
 
-def test_kv_cache_gives_the_same_tokens_on_a_saved_model(ckpts):
+def test_kv_cache_and_the_compiled_decoder_give_the_same_tokens_on_a_saved_model(ckpts):
+    """Cached, recomputed and compiled decoding (padded text slots: the compiled step masks them and the empty
+    cache slots in one mask) sample the same tokens."""
     model, meta = sample.load_scar(ckpts["next-token"])
     torch.nn.init.normal_(model.backbone.output.weight, std=0.5)  # one training step leaves the head near zero
     F_s = torch.randn(2, 4, 4, 64)
     ids, mask = sample.encode_words(["make the circle red", "remove the square"], model.backbone.cfg.words,
                                     model.backbone.cfg.text_len)
-    runs = [sample.generate_tokens(model, (F_s, ids), 64, mask, cfg=3.0, top_k=8,
-                                   generator=torch.Generator().manual_seed(1), use_cache=c) for c in (True, False)]
-    assert torch.equal(runs[0], runs[1])
+    assert not mask.all()
+    runs = [sample.generate_tokens(model, (F_s, ids), 64, mask, cfg=3.0, top_k=8, generator=torch.Generator().manual_seed(1),
+                                   **flags) for flags in ({}, {"use_cache": False}, {"compile": True})]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert all(layer.attention.cache is None for layer in model.backbone.layers)
+
+
+def test_compile_is_refused_for_a_next_scale_model(ckpts, drawing, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--image", str(drawing), "--prompt", "make the circle blue", "--ckpt", str(ckpts["next-scale"]),
+                     "--out", str(tmp_path / "out.png"), "--compile"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "next-scale" in err and err.count("\n") == 1 and not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.parametrize("case, message", [
