@@ -262,10 +262,11 @@ def test_regularisation_out_of_range_is_a_clear_error(frozen, tmp_path, capsys, 
     assert not (tmp_path / "run").exists()
 
 
-def test_toy_stages_export_what_the_loaders_read(tmp_path):
+def test_toy_stages_export_what_the_loaders_read(tmp_path, monkeypatch):
     """--task encoder and --task vq write files that load_dinov2 / load_vq / load_msvq accept."""
     from encoder import load_dinov2
     from vq import load_msvq, load_vq
+    monkeypatch.setattr(train, "SEED_IMAGES", 64)  # the k-means of 8192 images' patches takes minutes
     train.main(["--task", "encoder", "--toy", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "enc")])
     assert load_dinov2(tmp_path / "enc" / "encoder.safetensors").cfg.patch_size == 8
     train.main(["--task", "vq", "--toy", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "vq")])
@@ -289,6 +290,7 @@ def test_toy_tokenizer_resumes_with_its_seeded_centroids(tmp_path, monkeypatch):
     run("split", 3, "--resume")
     full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert all(torch.equal(full[k], split[k]) for k in full) and full["model.centroids"].abs().sum() > 0
+
 
 def test_codebook_init_starts_alike_codes_alike():
     """A new backbone's embedding and head start as the centroids' principal coordinates: with fewer pixel values
