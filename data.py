@@ -153,6 +153,21 @@ def depth_like(x: torch.Tensor) -> torch.Tensor:
 CONTROLS = {"canny": canny, "softedge": soft_edges, "depth": depth_like}
 
 
+def control_kinds(control: str) -> tuple[str, ...]:
+    """"canny" -> ("canny",); "canny,softedge,depth" -> a SCAR-Uni mix, one kind drawn uniformly per item."""
+    kinds = tuple(k.strip() for k in control.split(","))
+    bad = [k for k in kinds if k not in CONTROLS]
+    if bad or len(set(kinds)) != len(kinds):
+        raise ValueError(f"control kinds must be distinct, from {', '.join(CONTROLS)}; got {control!r}")
+    return kinds
+
+
+def pick_control(kinds: tuple[str, ...], key: list[int]) -> str:
+    """An item's control kind, seeded by `key`: SCAR-Uni samples the kinds uniformly and does not tell the
+    model which one (the map itself shows it; the paper's SCAR-Uni takes "any control input at inference")."""
+    return kinds[np.random.default_rng([7, *key]).integers(len(kinds))] if len(kinds) > 1 else kinds[0]
+
+
 def control_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Control image (3, H, W) in [-1, 1] computed from an image (3, H, W) in [-1, 1]."""
     if kind not in CONTROLS:
@@ -312,16 +327,16 @@ class EditDataset(FolderDataset):
 
 
 class ControlDataset(FolderDataset):
-    """Controllable generation: records {"image", optional "control", "caption" or "label"}. A
-    missing control file is computed from the image with `control` ("canny", "softedge", "depth")."""
+    """Controllable generation: records {"image", optional control map files, "caption" or "label"}. The
+    map of a kind is the record's file under that kind's name ("canny", "softedge", "depth"; "control"
+    for the kind when there is only one), else computed from the image. `control` "canny,softedge,depth"
+    gives each record one kind, drawn uniformly and anew each `epoch` (SCAR-Uni)."""
 
-    image_keys, required = ("image", "control"), ("image",)
+    image_keys, required = ("image", "control", *CONTROLS), ("image",)
 
     def __init__(self, folder, size: int = 256, control: str = "canny", flip: bool = False, skip_bad: bool = False,
-                 text_features: bool = False):
-        if control not in CONTROLS:
-            raise ValueError(f"control kind must be one of {', '.join(CONTROLS)}, got {control!r}")
-        self.control = control
+                 text_features: bool = False, seed: int = 0):
+        self.kinds, self.seed, self.epoch = control_kinds(control), seed, 0  # train.py sets the epoch
         super().__init__(folder, size, flip, skip_bad, text_features)
         for n, record in self.records:
             if "caption" not in record and "label" not in record:
@@ -329,11 +344,23 @@ class ControlDataset(FolderDataset):
             label = record.get("label", 0)
             if not isinstance(label, int) or isinstance(label, bool) or label < 0:
                 raise DataError(f"{self.manifest}:{n}: 'label' must be a class id (an integer >= 0), got {json.dumps(label)}")
+        if len(self.kinds) > 1 and any(record.get("control") for _, record in self.records):
+            raise DataError(f"{self.manifest}: with several control kinds a record's maps go under the kinds' names "
+                            f"({', '.join(self.kinds)}), not 'control'")
+
+    @property
+    def num_classes(self) -> int:
+        labels = [record["label"] for _, record in self.records if "label" in record]
+        if len(labels) != len(self.records):
+            raise DataError(f"{self.manifest}: a class-conditional model needs a 'label' in every record")
+        return max(labels) + 1
 
     def read(self, n, record):
         target = self.image(n, record["image"])
-        source = self.image(n, record["control"]) if record.get("control") else control_map(target, self.control)
-        item = {"source": source, "target": target, "mask": torch.ones(1, self.size, self.size)}
+        kind = pick_control(self.kinds, [self.seed, self.epoch, n])
+        given = record.get(kind) or (record.get("control") if len(self.kinds) == 1 else None)
+        source = self.image(n, given) if given else control_map(target, kind)
+        item = {"source": source, "target": target, "control": kind, "mask": torch.ones(1, self.size, self.size)}
         if "caption" in record:
             item["text"] = str(record["caption"])
         if "label" in record:
@@ -601,12 +628,15 @@ class ToyEdits(torch.utils.data.Dataset):
 
 
 class ToyControl(torch.utils.data.Dataset):
-    """Toy controllable generation: the control map of a random scene + its caption -> the scene."""
+    """Toy controllable generation: the control map of a random scene + its caption, or its class (the
+    background, which no control map shows: 0 white, 1 gray, 2 black, 3 beige) -> the scene."""
+
+    num_classes = len(BACKGROUNDS)
 
     def __init__(self, n: int, split: str = "train", size: int = 64, seed: int = 0, control: str = "canny"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        self.n, self.split, self.size, self.seed, self.control = n, split, size, seed, control
+        self.n, self.split, self.size, self.seed, self.kinds = n, split, size, seed, control_kinds(control)
 
     def __len__(self):
         return self.n
@@ -617,8 +647,9 @@ class ToyControl(torch.utils.data.Dataset):
     def __getitem__(self, i):
         scene = random_scene(np.random.default_rng([self.seed, 2 + SPLITS[self.split], i]), named=True)  # captions name it
         target = to_tensor(Image.fromarray(render(scene, self.size)))
-        return {"source": control_map(target, self.control), "target": target, "text": caption(scene),
-                "mask": torch.ones(1, self.size, self.size)}
+        kind = pick_control(self.kinds, [self.seed, SPLITS[self.split], i])
+        return {"source": control_map(target, kind), "target": target, "text": caption(scene), "control": kind,
+                "label": list(BACKGROUNDS).index(scene.background), "mask": torch.ones(1, self.size, self.size)}
 
 
 def parse_args(argv=None):

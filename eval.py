@@ -1,4 +1,5 @@
-"""Metrics: a SCAR checkpoint on the toy world's held-out edits and on drawings; PIE-Bench's on edited images.
+"""Metrics: a SCAR checkpoint on the toy world's held-out edits, drawings and control maps; PIE-Bench's and the
+control benchmarks' on generated images.
 
     python eval.py --bench toy --ckpt checkpoints/toy/edit_next_token/edit.safetensors
 
@@ -33,6 +34,13 @@ It also says whether Semantic Alignment Guidance does its job: by edit kind, how
 go from the source's P_s towards the target's P_t on the prefix cells the edit touches (0 % = H_s copies
 the source, 100 % = it reaches the target semantics; edit_progress).
 
+    python eval.py --bench toy-control --ckpt checkpoints/toy/control/control.safetensors
+
+scores a control model on held-out toy scenes, for each control kind it was trained on (toy_control): the
+paper's condition consistency (Canny F1; SSIM of soft edges; RMSE of depth), PSNR against the scene the map
+was made from, and a Frechet distance to the real scenes in the toy DINOv2's features. Editing benches refuse
+control models and this one refuses editing models.
+
     python eval.py --bench toy --ckpt CKPT --split train --seed 7
 
 measures the same on edits of the training distribution: with a seed other than training's (0), scenes the
@@ -62,9 +70,12 @@ is resized (bicubic) to its real image's for the condition.
 
 trains every row of one of the paper's ablations on the toy world (train.py, the toy recipe, the same
 --steps and seed for every row, next-token), scores each on the held-out split and prints the table as
-Markdown and JSON (also runs/ablate/<table>/table.json; --runs moves it). A row whose export exists is
-reused, one with a checkpoint is resumed, so an interrupted table continues where it stopped. Tables (ABLATIONS):
-    compression   the paper's Table 4: resize / unshuffle / conv+resize, each with and without L_pres, k = 2
+Markdown and JSON (also runs/ablate/<table>/table.json; --runs moves it). Rows are trained in
+runs/ablate/rows/, named by the flags they change, so a row two tables share is trained once; a row whose
+export exists is reused, one with a checkpoint is resumed, so an interrupted table continues where it stopped.
+Tables (ABLATIONS):
+    compression   the paper's Table 4: resize / unshuffle / conv+resize, each with and without L_pres, k = 2;
+                  and conv+resize with the lean U_k (--pres-head lean)
     ratio         Table 5: k = 1, 2, 4
     prefix        Table 7 and Fig. 1d: EditAR (VQ prefix, L_distill), VQ prefix 4x, SCAR 1x and 4x; two seeds
     alignment     Fig. 7: delta = 0, 0.3, 0.5, 1
@@ -88,7 +99,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, check_state_dict, read_checkpoint, read_meta
-from data import CONTROLS, DataError, DrawnEdits, ToyEdits, canny, read_manifest
+from data import CONTROLS, DataError, DrawnEdits, ToyControl, ToyEdits, canny, read_manifest
 from encoder import IMAGENET_MEAN, IMAGENET_STD, load_clip, load_dinov2
 import train
 from model import load_scar
@@ -162,6 +173,49 @@ def evaluate(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu"
             "exact_pct": round(100 * (target_psnr >= EXACT_PSNR).float().mean().item(), 1),
             "background_psnr_db": round(background.mean().item(), 2), "target_psnr_db": round(target_psnr.mean().item(), 2),
             "images_per_s": round(n / seconds, 2), "edit_success_by_kind_pct": per_kind}
+
+
+@torch.no_grad()
+def toy_control(ckpt: Path, n=200, batch=25, cfg=3.0, top_k=0, seed=0, device="cpu", plausibility=PLAUSIBILITY,
+                kinds=None) -> dict:
+    """A control model on n held-out toy scenes for each control kind it was trained on (or `kinds`): the
+    paper's condition consistency (Canny F1 of the output's Canny edges against the input map; SSIM and RMSE
+    (0-255) of the toy's own soft-edge and depth maps of the output against the input map, data.CONTROLS), the
+    PSNR against the scene the map was made from, and the Frechet distance of the outputs to the scenes in the
+    toy DINOv2's mean patch features (FD-DINOv2 with the toy encoder; its class token is not trained)."""
+    model, meta = load_scar(ckpt)
+    if meta["task"] != "control":
+        raise SampleError(f"{ckpt}: trained for {meta['task']!r}; --bench toy-control scores control models")
+    trained = meta.get("control", list(CONTROLS))
+    kinds = kinds or trained
+    if set(kinds) - set(trained):
+        raise SampleError(f"{ckpt}: trained on {', '.join(trained)} maps, not {', '.join(sorted(set(kinds) - set(trained)))}")
+    model = model.to(device)
+    dino, vq, t5 = frozen_parts(meta, ckpt, device)
+    by_class = model.backbone.cfg.cond == "class"
+    generator = torch.Generator(device).manual_seed(seed)
+    result = {"checkpoint": str(ckpt), "arch": meta["arch"], "bench": "toy-control", "n": n, "cfg": cfg,
+              "plausibility": plausibility, "top_k": top_k, "seed": seed,
+              "condition": "class" if by_class else meta["text"]["kind"], "by_kind": {}}
+    for kind in kinds:
+        data, rows, scores, feats = ToyControl(n, "heldout", size=meta["image_size"], seed=seed, control=kind), [], [], ([], [])
+        for first in tqdm(range(0, n, batch), desc=kind):
+            items = [data[i] for i in range(first, min(n, first + batch))]
+            source, target = (torch.stack([it[k] for it in items]).to(device) for k in ("source", "target"))
+            prompts = [str(it["label"]) if by_class else it["text"] for it in items]
+            out = edit_batch(model, meta, dino, vq, source, prompts, cfg, top_k=top_k, generator=generator, t5=t5,
+                             plausibility=plausibility).clamp(-1, 1)
+            scores.append(psnr(out, target, torch.ones_like(target[:, :1])))
+            for store, img in zip(feats, (target, out)):
+                store.append(dino.features(img).float().mean((1, 2)))
+            for o, s in zip(out.cpu(), source.cpu()):
+                made = None if kind == "canny" else CONTROLS[kind](o)
+                rows.append(condition_consistency(kind, (o + 1) / 2, (s[0] + 1) / 2, made))
+        row = {key: round(statistics.fmean(r[key] for r in rows), 4) for key in rows[0]}
+        row |= {"target_psnr_db": round(torch.cat(scores).mean().item(), 2),
+                "fd_toy_dinov2": round(frechet_distance(torch.cat(feats[0]), torch.cat(feats[1])), 4)}
+        result["by_kind"][kind] = row
+    return result
 
 
 def load_tokenizer(ckpt: Path, device):
@@ -259,7 +313,8 @@ def teacher_forced(ckpt: Path, n=200, batch=25, seed=0, device="cpu", split="hel
 SCAR_4X = ("--k", "2")  # every row starts from the paper's SCAR: 4x compression
 ABLATIONS = {
     "compression": {f"{kind}{'' if w else ', w/o L_pres'}": (*SCAR_4X, "--compressor", kind, "--pres-weight", str(w))
-                    for kind in ("resize", "unshuffle", "conv+resize") for w in (1, 0)},
+                    for kind in ("resize", "unshuffle", "conv+resize") for w in (1, 0)}
+                   | {"conv+resize, lean U_k": (*SCAR_4X, "--pres-head", "lean")},
     "ratio": {f"k = {k} ({k * k}x)": ("--k", str(k)) for k in (1, 2, 4)},
     "prefix": {"EditAR: VQ prefix 1x + L_distill": ("--prefix", "vq", "--k", "1", "--distill"),
                "VQ prefix 4x": ("--prefix", "vq", "--k", "2"),
@@ -302,13 +357,23 @@ def ablation_row(folder: Path, flags, steps: int, seed: int, n: int, base=()) ->
     return row
 
 
+def row_folder(folder: Path, flags, steps: int, seed: int, base=()) -> Path:
+    """Where a row is trained: named by the training settings it changes, so a row that several tables share
+    (SCAR at 4x is in all five) is trained once, in folder/../rows/."""
+    scar = ["--task", "edit", "--arch", "next-token", "--steps", str(steps), "--seed", str(seed), *base]
+    row, default = vars(train.parse_args([*scar, *flags])), vars(train.parse_args(scar))
+    changed = "_".join(f"{name}_{row[name]}" for name in sorted(row) if row[name] != default[name])
+    return folder.parent / "rows" / slug(f"{changed or 'toy_recipe'}_seed{seed}_{steps}steps")
+
+
 def ablate(table: str, rows: dict, steps: int, n: int, folder: Path, seeds=(0,), base=()) -> list[dict]:
-    """Every row of `rows` (label -> train.py flags) at every seed, in folder/<row>[_seed<s>]; writes table.json."""
+    """Every row of `rows` (label -> train.py flags) at every seed; writes folder/table.json."""
     results = []
     for label, flags in rows.items():
         for seed in seeds:
-            run = folder / (slug(label) + (f"_seed{seed}" if len(seeds) > 1 else ""))
+            run = row_folder(folder, flags, steps, seed, base)
             results.append({"row": label, "flags": " ".join(flags), **ablation_row(run, flags, steps, seed, n, base)})
+    folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "table.json", {"table": table, "steps": steps, "n": n, "rows": results})
     return results
 
@@ -743,17 +808,16 @@ def gray_map(path: Path, H: int, W: int) -> torch.Tensor:  # a control map file 
     return resized(read_rgb(path), H, W).mean(0)
 
 
-def condition_consistency(kind: str, generated, control: torch.Tensor, pred_control: Path | None) -> dict:
+def condition_consistency(kind: str, generated, control: torch.Tensor, made: torch.Tensor | None) -> dict:
     """How well a generated image (3, H, W) in [0, 1] follows its condition map (H, W) in [0, 1]: Canny F1 and SSIM
     of the generated image's Canny edges (OpenCV's 100 / 200), SSIM of a soft-edge map, RMSE of a depth map on
-    0-255; the last two from the map the user's annotator made of the generated image (`pred_control`)."""
+    0-255; the last two from the map (H, W) in [0, 1] an annotator made of the generated image (`made`)."""
     if kind == "canny":
         edges = canny(generated * 2 - 1)
         return {"canny_f1": edge_f1(edges, control.round()),
                 "ssim": ssim(edges.expand(3, -1, -1)[None], control.expand(3, -1, -1)[None]).item()}
-    if pred_control is None:
+    if made is None:
         return {}
-    made = gray_map(pred_control, *control.shape)
     if kind == "softedge":
         return {"ssim": ssim(made.expand(3, -1, -1)[None], control.expand(3, -1, -1)[None]).item()}
     return {"rmse": (255 * (made - control)).pow(2).mean().sqrt().item()}
@@ -778,7 +842,7 @@ def control_bench(data: Path, pred: Path, kind: str, inception=None, dino=None, 
         generated = resized(read_rgb(found[n]), *real.shape[1:])  # the condition is the real image's size
         control = gray_map(data / r["control"], *real.shape[1:]) if r.get("control") else CONTROLS[kind](real * 2 - 1)
         made = edited_path(pred_controls, r["image"]) if pred_controls else None
-        row = condition_consistency(kind, generated, control, made)
+        row = condition_consistency(kind, generated, control, None if made is None else gray_map(made, *control.shape))
         if clip is not None and "caption" in r:
             row["clip_score"] = clip.score((generated * 255).round().to(torch.uint8), str(r["caption"]))
         rows.append(row)
@@ -797,10 +861,11 @@ def control_bench(data: Path, pred: Path, kind: str, inception=None, dino=None, 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--bench", choices=["toy", "drawn", "vq", "pie", "control"], help="toy: the toy world's held-out split; "
-                      "drawn: pictures drawn with PIL, not the generator (shapes anywhere, anti-aliased, colours off); "
-                      "vq: the tokenizer's reconstructions of both; pie: PIE-Bench, edited images in --pred; control: "
-                      "controllable generation, generated images in --pred")
+    what.add_argument("--bench", choices=["toy", "drawn", "vq", "toy-control", "pie", "control"],
+                      help="toy: the toy world's held-out split; drawn: pictures drawn with PIL, not the generator "
+                      "(shapes anywhere, anti-aliased, colours off); vq: the tokenizer's reconstructions of both; "
+                      "toy-control: a control model on held-out toy scenes; pie: PIE-Bench, edited images in --pred; "
+                      "control: controllable generation, generated images in --pred")
     what.add_argument("--ablate", choices=list(ABLATIONS), help="train and score every row of one ablation table (above)")
     p.add_argument("--steps", type=int, default=ABLATION_STEPS, help="--ablate: training steps of every row")
     p.add_argument("--runs", type=Path, default=ABLATION_DIR, help="--ablate: where each table's rows are trained")
@@ -824,7 +889,8 @@ def parse_args(argv=None):
                    "--bench control: a control folder (manifest.jsonl: image, control, caption; README: Data)")
     p.add_argument("--pred", type=Path, help="--bench pie / control: the edited or generated images, each at its "
                    "record's image path (or the same name as a PNG)")
-    p.add_argument("--control", choices=list(CONTROLS), default="canny", help="--bench control: the condition kind")
+    p.add_argument("--control", choices=list(CONTROLS), help="--bench control: the condition kind (default canny); "
+                   "--bench toy-control: score this kind only (default: every kind the model was trained on)")
     p.add_argument("--pred-control", type=Path, help="--bench control, softedge / depth: the maps your annotator (HED, a "
                    "depth estimator) made of the generated images, at the same relative paths")
     p.add_argument("--inception", type=Path, help="--bench control: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for FID")
@@ -875,8 +941,10 @@ def main(argv=None):
             raise SampleError("--inception, --dino and --pred-control are for --bench control")
         if args.bench != "toy" and (args.split != "heldout" or args.varied or args.teacher_forced):
             raise SampleError("--split, --varied and --teacher-forced are for --bench toy")
+        if args.bench not in ("toy-control", "control") and args.control:
+            raise SampleError("--control is for --bench control and --bench toy-control")
         if args.bench == "control":
-            result = control_bench(args.data, args.pred, args.control, load_inception(args.inception) if args.inception else None,
+            result = control_bench(args.data, args.pred, args.control or "canny", load_inception(args.inception) if args.inception else None,
                                    load_dinov2(args.dino) if args.dino else None, load_clip(args.clip) if args.clip else None,
                                    args.pred_control)
         elif args.bench == "pie":
@@ -884,6 +952,9 @@ def main(argv=None):
                                load_lpips(*args.lpips) if args.lpips else None, load_clip(args.clip) if args.clip else None)
         elif args.bench == "vq":
             result = reconstruction(args.ckpt, args.n, args.batch, args.seed, args.device)
+        elif args.bench == "toy-control":
+            result = toy_control(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device,
+                                 args.plausibility, [args.control] if args.control else None)
         else:
             result = teacher_forced(args.ckpt, args.n, args.batch, args.seed, args.device, args.split) if args.teacher_forced \
                 else evaluate(args.ckpt, args.n, args.batch, args.cfg, args.top_k, args.seed, args.device, args.plausibility,
@@ -903,6 +974,8 @@ def main(argv=None):
         print_pie(result)
     elif args.bench == "control":
         print_control(result)
+    elif args.bench == "toy-control":
+        print_toy_control(result)
     elif args.bench == "vq":
         print(f"tokenizer round trip on the images of {result['n']} held-out toy edits and {result['n']} drawings")
         for name in ("toy", "drawn"):
@@ -936,6 +1009,15 @@ def print_control(result):
     for key, name in (("fid", "FID"), ("fd_dinov2", "FD-DINOv2"), ("clip_score", "CLIP score"),
                       ("canny_f1", "Canny F1"), ("ssim", "SSIM"), ("rmse", "RMSE (0-255)")):
         print(f"  {name:<14}" + (f"not computed (needs {needs[key]})" if result[key] is None else f"{result[key]:.4f}"))
+
+
+def print_toy_control(result):
+    print(f"{result['arch']} control model ({result['condition']} condition) on {result['n']} held-out toy scenes "
+          f"a kind (cfg {result['cfg']}, seed {result['seed']})")
+    names = {"canny_f1": "Canny F1", "ssim": "SSIM", "rmse": "RMSE (0-255)", "target_psnr_db": "PSNR vs scene (dB)",
+             "fd_toy_dinov2": "FD (toy DINOv2)"}
+    for kind, row in result["by_kind"].items():
+        print(f"  {kind:<9}" + "   ".join(f"{names[k]} {v:.3f}" for k, v in row.items()))
 
 
 def print_pie(result):

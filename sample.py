@@ -156,7 +156,9 @@ def generate_scales(model, vqvae, labels, cfg=1.0, temperature=1.0, top_k=0, top
 PLAUSIBILITY = 0.03
 
 # The shipped toy model (docs/toy.md: the toy stack on a CPU); it finds its encoder and tokenizer in ../encoder, ../vq.
-DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy" / "edit_next_token" / "edit.safetensors"
+SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "toy"
+DEFAULT_CKPT = SHIPPED / "edit_next_token" / "edit.safetensors"
+DEFAULT_CONTROL_CKPT = SHIPPED / "control" / "control.safetensors"  # with --control
 
 
 MAX_SEED = 2 ** 32 - 1
@@ -299,10 +301,13 @@ def edit_batch(model, meta, dino, vq, x, prompts: list[str], cfg=3.0, temperatur
 
 
 def edit(model, meta, dino, vq, image: Image.Image, prompt: str, n=1, cfg=3.0, temperature=1.0, top_k=0, top_p=1.0,
-         seed=0, device="cpu", t5=None, plausibility=PLAUSIBILITY, compile=False) -> list[Image.Image]:
-    """`n` outputs for `image` (any size or aspect ratio) and `prompt`, at the input's size."""
+         seed=0, device="cpu", t5=None, plausibility=PLAUSIBILITY, compile=False, control=None) -> list[Image.Image]:
+    """`n` outputs for `image` (any size or aspect ratio) and `prompt`, at the input's size. `control` "canny",
+    "softedge" or "depth": the image is a picture whose map the model reads, computed at the model's resolution
+    as in training (a map computed at a larger size and reduced would arrive faint and blurred)."""
     square, box = fit_square(image, meta["image_size"])
-    x = to_tensor(square)[None].to(device).expand(n, -1, -1, -1)
+    x = to_tensor(square)
+    x = (control_map(x, control) if control in CONTROLS else x)[None].to(device).expand(n, -1, -1, -1)
     out = edit_batch(model, meta, dino, vq, x, [prompt] * n, cfg, temperature, top_k, top_p,
                      torch.Generator(device).manual_seed(seed), progress=True, t5=t5, plausibility=plausibility,
                      compile=compile)
@@ -333,19 +338,22 @@ def parse_args(argv=None):
         description="Edit an image (or generate one from a control map) with a SCAR model: source image -> DINOv2 "
                     "-> compressor -> prefill -> decode -> VQ decode, with classifier-free guidance.",
         epilog='examples:\n  python sample.py --image examples/heldout_9_remove.png --prompt "remove the blue circle"\n'
+               '  python sample.py --image examples/control_drawing.png --control canny --prompt "a red circle and a blue '
+               'square on a white background"\n'
                '  python sample.py --image edges.png --control map --prompt "a cat on a sofa" --ckpt runs/canny/control.safetensors\n'
                '  python sample.py --image photo.jpg --prompt "make the sky pink" --ckpt runs/xl/edit.safetensors --t5 flan-t5-xl',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, required=True, help="the source image (any format Pillow reads, any size)")
     p.add_argument("--prompt", required=True, help="the instruction (\"make the circle blue\"), a caption, or a class "
                    "id for class-conditional control models")
-    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model)")
+    p.add_argument("--ckpt", type=Path, help="SCAR checkpoint (default: the shipped toy editor, or with --control the "
+                   "shipped toy control model)")
     p.add_argument("--out", type=Path, help="output PNG (default: <image name>_edited.png next to the input)")
     p.add_argument("--n", type=int, default=1, help="number of samples, saved side by side as one grid")
     p.add_argument("--control", choices=["map", *CONTROLS],
-                   help="controllable generation (a control model): the image is the control map (map), or the map "
-                        "is computed from it (canny, softedge, depth)")
-    p.add_argument("--text", choices=["words", "t5"], help="how the model reads text (default: as it was trained)")
+                   help="controllable generation (a control model): the image is the control map (map), or a picture "
+                        "whose map is computed at the model's resolution (canny, softedge, depth)")
+    p.add_argument("--text", choices=["words", "t5", "class"], help="how the model reads text (default: as it was trained)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder for T5 models (default: the one used in training)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none; EditAR uses 3)")
     p.add_argument("--plausibility", type=float, default=PLAUSIBILITY,
@@ -360,16 +368,18 @@ def parse_args(argv=None):
                    "image, faster per token once compiled; compiling takes seconds to a minute, worth it for large "
                    "models or many samples")
     p.error = lambda message: p.exit(2, f"error: {message} (sample.py --help lists the flags)\n")  # one line, no usage
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.ckpt = args.ckpt or (DEFAULT_CONTROL_CKPT if args.control else DEFAULT_CKPT)
+    return args
 
 
-def source_image(image: Image.Image, control: str | None, task: str, ckpt: Path) -> Image.Image:
-    """The image SCAR reads: the picture to edit, or the control map (given, or computed from the picture)."""
+def check_control(control: str | None, meta: dict, ckpt: Path):
+    """--control goes with control models, and names a kind the model was trained on."""
+    task, trained = meta.get("task"), meta.get("control", list(CONTROLS))
     if (task == "control") != (control is not None):
         raise SampleError(f"{ckpt}: trained for {task!r}: " + ("pass --control" if task == "control" else "drop --control"))
-    if control in (None, "map"):
-        return image
-    return to_image(control_map(to_tensor(image), control))
+    if control not in (None, "map", *trained):
+        raise SampleError(f"{ckpt}: trained on {', '.join(trained)} maps, not {control}")
 
 
 def main(argv=None):
@@ -388,11 +398,11 @@ def main(argv=None):
         kind = meta["text"]["kind"]
         if args.text and args.text != kind:
             raise SampleError(f"{args.ckpt}: this model reads text as {kind}, not {args.text}")
-        image = source_image(image, args.control, meta.get("task"), args.ckpt)
+        check_control(args.control, meta, args.ckpt)
         model = model.to(args.device)
         dino, vq, t5 = frozen_parts(meta, args.ckpt, args.device, args.t5)
         outs = edit(model, meta, dino, vq, image, args.prompt.strip(), args.n, args.cfg, args.temperature, args.top_k,
-                    args.top_p, args.seed, args.device, t5, args.plausibility, args.compile)
+                    args.top_p, args.seed, args.device, t5, args.plausibility, args.compile, args.control)
         save_atomic(grid_image(outs), out)
         print(out)
     except (SampleError, CheckpointError, DataError) as e:

@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_checkpoint, read_meta, save_checkpoint
-from data import T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, read_text_features
+from data import (T5_DIR, T5_SLOTS, ControlDataset, DataError, EditDataset, ToyControl, ToyEdits, control_kinds,
+                  read_text_features)
 from encoder import DINOv2, DINOv2Config, load_dinov2, load_t5
 from model import (SCAR, GPT_SIZES, NextScaleTransformer, NextTokenTransformer, SCARConfig, encode_words, gpt_config,
                    load_llamagen, load_var, var_config, vocabulary, words_of)
@@ -153,12 +154,14 @@ def parse_args(argv=None):
     p.add_argument("--stop-grad-target", action="store_true",
                    help="no gradient into P_t through L_align (on the toy the compressor's output then grows, and "
                    "L_align with it: docs/toy.md)")
-    p.add_argument("--text", choices=["words", "t5"], default="words",
-                   help="how T_t reads text: one token per word of the training texts' vocabulary (the toy), or T5 "
-                   "caption features (LlamaGen t2i weights; needs --t5)")
+    p.add_argument("--text", choices=["words", "t5", "class"], default="words",
+                   help="how T_t reads text: one token per word of the training texts' vocabulary (the toy), T5 "
+                   "caption features (LlamaGen t2i weights; needs --t5), or class ids (--task control: the records' "
+                   "'label'; on the toy the background, 0 white, 1 gray, 2 black, 3 beige)")
     p.add_argument("--t5", type=Path, help="google/flan-t5-* folder: encodes captions on the fly unless DATA/t5/ holds "
                    "features precomputed by `python data.py t5-features`")
-    p.add_argument("--control", default="canny", choices=["canny", "softedge", "depth"], help="control map kind")
+    p.add_argument("--control", default="canny", help="control map kind: canny, softedge or depth; several, comma "
+                   "separated (canny,softedge,depth), train one SCAR-Uni model on a uniform mix of them")
     p.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable images (counted in the log)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0 keeps resumption bit-exact)")
     p.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 500)")
@@ -241,6 +244,12 @@ def check_args(p, args):
         p.error(f"--out {args.out}: is a file, not a folder")
     if args.allow_changes and not args.resume:
         p.error("--allow-changes goes with --resume")
+    if args.text == "class" and args.task != "control":
+        p.error("--text class is for --task control (class-to-image control); edits read instructions")
+    try:
+        control_kinds(args.control)
+    except ValueError as e:
+        p.error(f"--control: {e}")
 
 
 @dataclass
@@ -307,7 +316,8 @@ def dataset(args):
     if args.task == "control":
         if args.toy:
             return ToyControl(TOY_SAMPLES, size=args.image_size, seed=args.seed, control=args.control)
-        return ControlDataset(args.data, args.image_size, args.control, skip_bad=args.skip_bad, text_features=features)
+        return ControlDataset(args.data, args.image_size, args.control, skip_bad=args.skip_bad, text_features=features,
+                              seed=args.seed)
     if args.toy:
         return ToyEdits(TOY_SAMPLES, size=args.image_size, seed=args.seed, varied=True)
     return EditDataset(args.data, args.image_size, skip_bad=args.skip_bad, text_features=features)
@@ -359,6 +369,8 @@ class SCARTask:
                      "vq": {"path": relative(args.vq)}, "image_size": args.image_size, "text": {"kind": args.text}}
         if args.t5:
             self.meta["text"]["t5"] = relative(args.t5)
+        if args.task == "control":
+            self.meta["control"] = list(control_kinds(args.control))
         if self.next_scale:
             self.meta["vq"]["patch_nums"] = list(self.vq.cfg.patch_nums)
         self.tokens = sum(self.model.backbone.blocks_of_scales) if self.next_scale else \
@@ -377,6 +389,8 @@ class SCARTask:
                 raise UsageError(f"{a.init} reads T5 caption features: pass --text t5 --t5 FOLDER")
             if backbone.cfg.cond == "class" and a.text == "t5":
                 raise UsageError(f"{a.init} is class-conditional: it reads class labels, not T5 captions")
+            if backbone.cfg.cond != "class" and a.text == "class":
+                raise UsageError(f"{a.init} reads captions, not class labels: drop --text class")
             if a.text == "t5" and backbone.cfg.caption_dim != self.t5_dim():
                 raise UsageError(f"{a.init} reads {backbone.cfg.caption_dim}-d captions; the T5 gives {self.t5_dim()}-d features")
             return backbone
@@ -389,11 +403,13 @@ class SCARTask:
         return backbone
 
     def text_config(self, data) -> dict:
-        """How a new backbone reads T_t: T5 features, or the words of the training texts (fixed here, stored
-        with the model; the toy's are every word its generator writes)."""
+        """How a new backbone reads T_t: T5 features, class ids, or the words of the training texts (fixed here,
+        stored with the model; the toy's are every word its generator writes)."""
         a = self.args
         if a.text == "t5":
             return dict(cond="caption", text_len=T5_SLOTS, caption_dim=self.t5_dim())
+        if a.text == "class":  # LlamaGen's / VAR's class embedding, its last row the null class of CFG
+            return dict(cond="class", num_classes=data.num_classes, text_len=1)
         texts = data.texts()
         words = vocabulary(texts)
         if not words:
@@ -751,6 +767,7 @@ def micro_batches(data, run, args, micro: int, epoch: int, pos: int):
     """This rank's micro-batches from sample position `pos` of `epoch` on, epoch after epoch; yields each batch
     with the data position after it, (epoch, position), as the checkpoint stores it."""
     while True:
+        data.epoch = epoch  # a SCAR-Uni folder draws each record's control kind anew every epoch
         sampler = DistributedSampler(data, run.world, run.rank, shuffle=True, seed=args.seed, drop_last=True)
         sampler.set_epoch(epoch)
         # A generator of its own: creating a loader must not draw from the global RNG, or a resumed run

@@ -1,12 +1,15 @@
-"""Writes the example sources (examples/*.png, examples.json), the README's grid (assets/examples.png) and
-the pictures of the toy world in docs/toy.md (assets/toy_pairs.png, assets/toy_control.png).
+"""Writes the example sources (examples/*.png, examples.json, control.json), the README's grids
+(assets/examples.png, assets/control.png) and the pictures of the toy world in docs/toy.md
+(assets/toy_pairs.png, assets/toy_control.png).
 
     python examples/make.py
 
 Sources: held-out toy edits, whose (edit, shape, colour) triples the models never saw, rendered by the
 generator at 256 px; and drawings made here with PIL's ImageDraw at other sizes and aspect ratios, on
 papers and in colours off the toy's palette. Each shipped editor (checkpoints/toy/edit_*) edits every
-source as `python sample.py --image examples/<image> --prompt "<prompt>"` would, at the default seed.
+source as `python sample.py --image examples/<image> --prompt "<prompt>"` would, at the default seed. The
+shipped control model (checkpoints/toy/control) draws a scene from each control source's map of every kind it
+was trained on, as `python sample.py --image examples/<image> --control <kind> --prompt "<caption>"` would.
 """
 import json
 import sys
@@ -19,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
-from data import EDITS, ToyControl, render, to_image, toy_edit  # noqa: E402
+from data import EDITS, ToyControl, control_map, render, to_image, to_tensor, toy_edit  # noqa: E402
 from model import load_scar  # noqa: E402
 
 HELD_OUT = (0, 1, 2, 4, 5, 9, 20)  # the first held-out edit of each kind (recolor, reshape, move, resize, add, remove, background)
@@ -38,6 +41,11 @@ DRAWINGS = [
                                                              ("triangle", (45, 75, 210), 1.15, 0.5, 0.18)],
      "make the background black"),
 ]
+# Control sources: a drawing (its caption says what the map cannot: colours, background) and held-out scenes.
+CONTROL_DRAWING = ("control_drawing.png", (320, 240), (240, 240, 240),
+                   [("circle", (220, 40, 40), 0.45, 0.55, 0.2), ("square", (40, 80, 220), 0.95, 0.4, 0.15)],
+                   "a red circle and a blue square on a white background")
+CONTROL_HELD_OUT = (0, 1, 2)
 CELL = 160  # grid cell height in pixels
 
 
@@ -126,8 +134,46 @@ def toy_pictures():
     captioned([to_image(pair["source"]), to_image(pair["target"])], pair["text"]).save(ROOT / "assets" / "toy_control.png")
 
 
+def control_sources() -> list[dict]:
+    name, size, paper, shapes, prompt = CONTROL_DRAWING
+    draw(size, paper, shapes).save(ROOT / "examples" / name)
+    examples = [{"image": name, "prompt": prompt, "split": "drawn with PIL"}]
+    for i in CONTROL_HELD_OUT:
+        scene = ToyControl(i + 1, "heldout", size=256)[i]
+        to_image(scene["target"]).save(ROOT / "examples" / f"control_heldout_{i}.png")
+        examples.append({"image": f"control_heldout_{i}.png", "prompt": scene["text"], "split": "heldout", "index": i})
+    return examples
+
+
+def control_grid(examples: list[dict], ckpt: Path) -> Image.Image:
+    """One row per source: the caption, the picture, then each kind's map (at the model's resolution, as the
+    model reads it) and the scene drawn from it."""
+    model, meta = load_scar(ckpt)
+    parts = (model, meta, *sample.frozen_parts(meta, ckpt, "cpu")[:2])
+    kinds, side, gap = meta["control"], CELL * 3 // 4, 8
+    canvas = Image.new("RGB", (gap + (1 + 2 * len(kinds)) * (side + gap), 20 + len(examples) * (side + 28)), "white")
+    pen = ImageDraw.Draw(canvas)
+    for c, title in enumerate(["picture", *(f"{t} {k}" for k in kinds for t in ("map:", "output:"))]):
+        pen.text((gap + c * (side + gap), 4), title, fill="black")
+    for r, ex in enumerate(examples):
+        picture = Image.open(ROOT / "examples" / ex["image"]).convert("RGB")
+        square = sample.fit_square(picture, meta["image_size"])[0]
+        cells = [square]
+        for kind in kinds:
+            cells.append(to_image(control_map(to_tensor(square), kind)))
+            cells.append(sample.fit_square(sample.edit(*parts, picture, ex["prompt"], control=kind)[0], meta["image_size"])[0])
+        y = 20 + r * (side + 28)
+        for c, cell in enumerate(cells):
+            canvas.paste(cell.resize((side, side), Image.NEAREST), (gap + c * (side + gap), y))
+        pen.text((gap, y + side + 4), f'"{ex["prompt"]}" ({ex["split"]})', fill="black")
+    return canvas
+
+
 def main():
     toy_pictures()
+    controls = control_sources()
+    (ROOT / "examples" / "control.json").write_text(json.dumps(controls, indent=1) + "\n")
+    control_grid(controls, ROOT / "checkpoints" / "toy" / "control" / "control.safetensors").save(ROOT / "assets" / "control.png")
     examples = sources()
     (ROOT / "examples" / "examples.json").write_text(json.dumps(examples, indent=1) + "\n")
     models = {}

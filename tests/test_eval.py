@@ -16,7 +16,7 @@ from encoder import load_dinov2
 import eval as evaluation
 
 
-def test_ablation_runner_trains_each_row_once_and_reuses_it(tmp_path, monkeypatch, capsys):
+def test_ablation_runner_trains_each_row_once_and_reuses_it_across_tables(tmp_path, monkeypatch, capsys):
     frozen = save_tiny_frozen(tmp_path / "frozen")
     base = ("--image-size", "32", "--batch-size", "4", "--dino", str(frozen / "dino.safetensors"),
             "--vq", str(frozen / "vq.safetensors"))
@@ -30,6 +30,8 @@ def test_ablation_runner_trains_each_row_once_and_reuses_it(tmp_path, monkeypatc
     monkeypatch.setattr(evaluation.train, "main", lambda argv: pytest.fail("a finished row must not train again"))
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("a scored row must not be scored again"))
     assert evaluation.ablate("test", rows, steps=2, n=4, folder=folder, base=base) == first
+    shared = evaluation.ablate("other", {"k = 2": ("--k", "2")}, steps=2, n=4, folder=tmp_path / "other", base=base)
+    assert shared[0] | {"row": "SCAR 4x"} == first[0]  # a row another table trained is reused under its own label
     table = evaluation.markdown(first)
     assert table.count("\n") == 3 and "| EditAR | 0 |" in table
 
