@@ -104,8 +104,8 @@ from encoder import IMAGENET_MEAN, IMAGENET_STD, load_clip, load_dinov2
 import train
 from model import load_scar
 from vq import load_msvq, load_vq
-from sample import (DEFAULT_CKPT, PLAUSIBILITY, SampleError, check_device, check_sampling, edit_batch, frozen_parts,
-                    source_condition, text_condition, tokenizer_of)
+from sample import (DEFAULT_CKPT, DEFAULT_CONTROL_CKPT, PLAUSIBILITY, SampleError, check_device, check_sampling, edit_batch,
+                    frozen_parts, source_condition, text_condition, tokenizer_of)
 
 MAX_PSNR = 60.0
 EXACT_PSNR = 25.0  # the strict measure: an output within this PSNR of the exact target, over the whole image
@@ -869,8 +869,8 @@ def parse_args(argv=None):
     what.add_argument("--ablate", choices=list(ABLATIONS), help="train and score every row of one ablation table (above)")
     p.add_argument("--steps", type=int, default=ABLATION_STEPS, help="--ablate: training steps of every row")
     p.add_argument("--runs", type=Path, default=ABLATION_DIR, help="--ablate: where each table's rows are trained")
-    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="SCAR checkpoint (default: the shipped toy model); "
-                   "with --bench vq also a tokenizer export")
+    p.add_argument("--ckpt", type=Path, help="SCAR checkpoint (default: the shipped toy editor; with --bench toy-control "
+                   "the shipped toy control model); with --bench vq also a tokenizer export")
     p.add_argument("--n", type=int, default=200, help="edits to evaluate")
     p.add_argument("--batch", type=int, default=25, help="edits generated together")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
@@ -905,7 +905,9 @@ def parse_args(argv=None):
     p.add_argument("--out", "--json", type=Path, dest="out", help="also write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"error: {message} (eval.py --help lists the flags)\n")  # one line, no usage
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.ckpt = args.ckpt or (DEFAULT_CONTROL_CKPT if args.bench == "toy-control" else DEFAULT_CKPT)
+    return args
 
 
 def main(argv=None):

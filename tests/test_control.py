@@ -159,6 +159,13 @@ def test_toy_control_bench_scores_every_trained_kind_and_refuses_edit_models(fro
         assert message in err and err.count("\n") == 1
 
 
+def test_the_control_bench_and_sample_default_to_the_shipped_control_model():
+    assert evaluation.parse_args(["--bench", "toy-control"]).ckpt == sample.DEFAULT_CONTROL_CKPT
+    assert evaluation.parse_args(["--bench", "toy"]).ckpt == sample.DEFAULT_CKPT
+    assert sample.parse_args(["--image", "x.png", "--prompt", "a red circle", "--control", "canny"]).ckpt == \
+        sample.DEFAULT_CONTROL_CKPT
+
+
 def test_condition_consistency_is_perfect_on_the_scene_itself():
     scene = ToyControl(1, "heldout", size=64)[0]["target"]
     image = (scene + 1) / 2
