@@ -148,6 +148,9 @@ def test_toy_control_bench_scores_every_trained_kind_and_refuses_edit_models(fro
     assert result["by_kind"]["depth"]["rmse"] >= 0 and all(r["fd_toy_dinov2"] >= 0 for r in result["by_kind"].values())
     evaluation.main(["--bench", "toy-control", "--ckpt", str(ckpt), "--n", "2", "--control", "depth"])
     assert list(json.loads(capsys.readouterr().out.splitlines()[-1])["by_kind"]) == ["depth"]
+    train.main(control_args(frozen, tmp_path / "canny", steps=1))
+    with pytest.raises(sample.SampleError, match="trained on canny maps, not depth"):
+        evaluation.toy_control(tmp_path / "canny" / "control.safetensors", n=2, kinds=["depth"])
     train.main(control_args(frozen, tmp_path / "edit", steps=1, task="edit"))
     capsys.readouterr()
     for bench, model, message in (("toy-control", tmp_path / "edit" / "edit.safetensors", "--bench toy-control scores control"),
