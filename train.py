@@ -717,7 +717,8 @@ def resume(args, model, opt, run: Dist):
 def prepare_run_folder(args, run: Dist):
     """Check that the run can start (--resume: a checkpoint of the same configuration; otherwise none to
     overwrite), then rank 0 makes OUT (one line if it cannot be written), removes the temp files of writes that a
-    killed process left behind, and on --resume drops the log lines past the checkpoint's step (they are redone)."""
+    killed process left behind, and drops the log lines past the checkpoint's step (they are redone; a fresh start
+    keeps none, so a run killed before its first checkpoint and started again logs each step once)."""
     ckpt = args.out / "checkpoint.safetensors"
     if args.resume:
         if not ckpt.is_file():
@@ -735,8 +736,7 @@ def prepare_run_folder(args, run: Dist):
         raise UsageError(f"--out {args.out}: cannot write there ({e.strerror})") from None
     for stale in args.out.glob(".*.tmp*"):  # save_checkpoint's and trim_log's temp files: .<name>.tmp<pid>
         stale.unlink(missing_ok=True)
-    if args.resume:
-        trim_log(args.out / "log.jsonl", read_meta(ckpt)["step"])
+    trim_log(args.out / "log.jsonl", read_meta(ckpt)["step"] if args.resume else 0)
 
 
 def trim_log(path: Path, step: int):

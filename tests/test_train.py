@@ -54,6 +54,14 @@ def test_resume_equals_uninterrupted(frozen, tmp_path, arch):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in logs], abs=1e-5)  # same data order
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_its_log_again(frozen, tmp_path):
+    train.main(args(frozen, tmp_path, steps=2))
+    for made in ("checkpoint.safetensors", "edit.safetensors"):  # what a kill before the first save leaves: the log
+        (tmp_path / made).unlink()
+    train.main(args(frozen, tmp_path, steps=3))
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("arch", ["next-token", "next-scale"])
 def test_editar_baseline_trains_and_edits(frozen, tmp_path, arch):
     """--prefix vq --distill: the source enters as its codes (next-scale: its f_hat), compressed 4x; L_distill is
